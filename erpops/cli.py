@@ -1,0 +1,290 @@
+"""erpops command line. Heavy libraries are imported inside commands so `--help` answers at once.
+
+    erpops run                                  # the whole pipeline on the default recipe
+    erpops validate --json                      # data contracts only
+    erpops status --json                        # registry state: versions, aliases, metrics, lineage
+    erpops promote 3 / erpops rollback          # move the champion by hand
+    erpops ui                                   # MLflow UI over the same store
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="MLOps pipeline for the ERP assistant LLM: validate, train, optimize, evaluate, promote, deploy.")
+
+DEFAULT_RECIPE = "recipes/smollm2-135m/cpu.yaml"
+RecipeOpt = typer.Option(DEFAULT_RECIPE, "--recipe", "-r", help="Recipe YAML.")
+MlflowOpt = typer.Option(None, "--mlflow-config", help="mlflow.yaml to use (default ./mlflow.yaml).")
+
+
+def _setup():
+    from erpops.runtime import configure_logging, setup_process
+
+    setup_process()
+    configure_logging()
+
+
+def _fail(message: str, code: int = 1):
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _load(recipe: str, overrides: dict | None = None):
+    from erpops.config import ConfigError, load_recipe
+
+    try:
+        return load_recipe(recipe, overrides)
+    except ConfigError as e:
+        _fail(str(e), 2)
+
+
+def _settings(path: Optional[str]):
+    from erpops.config import ConfigError, load_mlflow_settings
+
+    try:
+        return load_mlflow_settings(path)
+    except ConfigError as e:
+        _fail(str(e), 2)
+
+
+def _latest_run_dir(recipe) -> Path:
+    runs = sorted((p for p in recipe.output_root.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        _fail(f"no run folder under {recipe.output_root}: run `erpops train` or `erpops run` first")
+    return runs[-1]
+
+
+@app.command()
+def run(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
+        run_name: Optional[str] = typer.Option(None, help="Run folder / MLflow run name (default <recipe>-<time>).")):
+    """Run the whole pipeline (Prefect flow): validate, train, optimize, evaluate, promote, deploy."""
+    _setup()
+    import time
+
+    r = _load(recipe)  # fail fast on a bad recipe, before Prefect starts
+    from erpops.summary import RunSummary
+    from flows.pipeline import PipelineFailed, pipeline
+
+    run_name = run_name or f"{r.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = r.output_root / run_name / "run_summary.json"
+    try:
+        pipeline(recipe_path=recipe, mlflow_config=mlflow_config, run_name=run_name)
+    except PipelineFailed:
+        pass
+    if not path.is_file():
+        _fail(f"the pipeline ended before writing {path}")
+    summary = RunSummary.read(path)
+    typer.echo("\n" + summary.table())
+    for k, v in summary.metrics.items():
+        typer.echo(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+    if "model_version" in summary.outputs:
+        typer.echo(f"  model version: {summary.outputs['model_version']}  (see: erpops status; erpops ui)")
+    typer.echo(f"summary: {path}")
+    raise typer.Exit(0 if summary.ok else 1)
+
+
+@app.command()
+def validate(recipe: str = RecipeOpt,
+             data: Optional[Path] = typer.Option(None, "--data", help="Data folder (overrides the recipe's data.root)."),
+             as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")):
+    """Check the data contracts; exit 1 when a blocking rule fails. Prints file, line and rule of each problem."""
+    from erpops.runtime import setup_process
+
+    setup_process()
+    r = _load(recipe, {"data.root": str(data)} if data else None)
+    from data_contracts.contracts import validate_sources
+
+    report, _ = validate_sources(r.data)
+    typer.echo(report.to_json() if as_json else report.table())
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def train(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
+          run_dir: Optional[Path] = typer.Option(None, help="Output folder (default: a new one under the recipe's output_root).")):
+    """Validate the data, then LoRA-train the base model; logs an MLflow run and writes <run-dir>/adapter."""
+    import time
+
+    _setup()
+    r = _load(recipe)
+    from data_contracts.dataset import read_examples
+    from data_contracts.report import DataContractError
+    from data_contracts.validate import validate_data
+    from erpops.device import resolve_runtime
+    from erpops.tracking import Tracker
+    from training.base_model import resolve_base_model
+    from training.lora import train_lora
+
+    run_dir = run_dir or r.output_root / f"{r.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tracker = Tracker.start(_settings(mlflow_config), f"train-{run_dir.name}", {"recipe.hash": r.digest()})
+    try:
+        data = validate_data(r.data, run_dir / "data", tracker)
+        base = resolve_base_model(r.model, Path(".erpops/models"))
+        result = train_lora(r, base, read_examples(data.train_path), run_dir, resolve_runtime(r.train.precision), tracker)
+    except DataContractError as e:
+        tracker.end("FAILED")
+        _fail(str(e))
+    tracker.end()
+    typer.echo(json.dumps({"run_dir": str(run_dir), "adapter": str(result.adapter_dir), "first_loss": result.first_loss,
+                           "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s}, indent=2))
+
+
+@app.command()
+def optimize(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
+             run_dir: Optional[Path] = typer.Option(None, help="Run folder holding adapter/ (default: the latest).")):
+    """Merge LoRA, prune, quantize to int8 and export verified GGUF files from a trained run folder."""
+    _setup()
+    r = _load(recipe)
+    run_dir = run_dir or _latest_run_dir(r)
+    from data_contracts.dataset import read_examples
+    from deployment.modelfile import write_modelfile
+    from erpops.device import resolve_runtime
+    from erpops.tracking import Tracker
+    from training.base_model import resolve_base_model
+    from training.optimize import optimize_model
+
+    tracker = Tracker.start(_settings(mlflow_config), f"optimize-{run_dir.name}", {"recipe.hash": r.digest()})
+    base = resolve_base_model(r.model, Path(".erpops/models"))
+    evals = read_examples(run_dir / "data" / "eval.jsonl")[: r.gate.max_examples]
+    result = optimize_model(r.optimize, base, run_dir / "adapter", evals, run_dir, resolve_runtime(r.train.precision), tracker)
+    from transformers import AutoTokenizer
+
+    write_modelfile(AutoTokenizer.from_pretrained(result.merged_dir), result.gguf[r.optimize.ship].path)
+    tracker.end()
+    typer.echo(result.table())
+
+
+@app.command()
+def evaluate(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
+             run_dir: Optional[Path] = typer.Option(None, help="Run folder holding gguf/ (default: the latest).")):
+    """Score the shipped GGUF of a run folder and apply the gate against the current champion."""
+    _setup()
+    r = _load(recipe)
+    run_dir = run_dir or _latest_run_dir(r)
+    from data_contracts.dataset import read_examples
+    from erpops.device import resolve_runtime
+    from erpops.tracking import Tracker
+    from evaluation.evaluate import evaluate_candidate
+    from registry.promote import champion_metrics
+
+    settings = _settings(mlflow_config)
+    tracker = Tracker.start(settings, f"evaluate-{run_dir.name}", {"recipe.hash": r.digest()})
+    gguf = run_dir / "gguf" / f"model-{r.optimize.ship}.gguf"
+    result = evaluate_candidate(r.gate, gguf, read_examples(run_dir / "data" / "eval.jsonl"), champion_metrics(settings),
+                                run_dir, resolve_runtime(r.train.precision), tracker)
+    tracker.end()
+    typer.echo(json.dumps({"metrics": result.metrics, **result.verdict.to_dict()}, indent=2, ensure_ascii=False))
+    raise typer.Exit(0 if result.verdict.passed else 1)
+
+
+@app.command()
+def promote(version: str = typer.Argument(..., help="Model version to make champion."),
+            mlflow_config: Optional[str] = MlflowOpt):
+    """Make VERSION the champion by hand; the old champion becomes previous."""
+    from erpops.runtime import setup_process
+
+    setup_process()
+    from mlflow.exceptions import MlflowException
+
+    from registry.promote import promote_version
+
+    try:
+        plan = promote_version(_settings(mlflow_config), version)
+    except MlflowException as e:
+        _fail(f"cannot promote version {version}: {e.message}")
+    typer.echo(json.dumps({"aliases_set": plan.set}))
+
+
+@app.command()
+def deploy(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
+           version: Optional[str] = typer.Option(None, help="Registered version to deploy (default: the champion).")):
+    """Deploy a registered version: knowledge-base collection + alias, and Ollama when a server answers."""
+    _setup()
+    r = _load(recipe)
+    settings = _settings(mlflow_config)
+    import mlflow
+    from transformers import AutoTokenizer
+
+    from data_contracts.validate import validate_data
+    from deployment.deploy import deploy_release
+    from deployment.modelfile import modelfile_spec
+    from registry.promote import current_aliases, tag_version
+
+    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    version = version or current_aliases(client, settings.registered_model_name).get(settings.aliases.champion)
+    if version is None:
+        _fail("no champion to deploy: pass --version")
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{settings.registered_model_name}/{version}"))
+    gguf = next((local / "artifacts").glob("*.gguf"))
+    spec = modelfile_spec(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+    import tempfile
+
+    data = validate_data(r.data, Path(tempfile.mkdtemp()))
+    kb, release, skipped = deploy_release(r.deploy, version, data.docs, gguf, spec)
+    tags = {"deploy.collection": kb.collection}
+    if release:
+        tags["deploy.ollama_release"] = release.release_tag
+    tag_version(settings, version, tags)
+    typer.echo(json.dumps({"version": version, "collection": kb.collection, "alias": kb.alias,
+                           "ollama": release.release_tag if release else f"skipped: {skipped}"}, indent=2))
+
+
+@app.command()
+def rollback(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt):
+    """Point champion, the Ollama serving tag and the knowledge-base alias back to the previous release."""
+    _setup()
+    r = _load(recipe)
+    settings = _settings(mlflow_config)
+    from deployment.deploy import rollback_release
+    from registry.promote import rollback_registry, version_tags
+
+    try:
+        version, plan = rollback_registry(settings)
+    except ValueError as e:
+        _fail(str(e))
+    done = rollback_release(r.deploy, version, version_tags(settings, version))
+    typer.echo(json.dumps({"champion": version, "aliases_set": plan.set, "aliases_deleted": list(plan.delete), **done}, indent=2))
+
+
+@app.command()
+def status(mlflow_config: Optional[str] = MlflowOpt,
+           as_json: bool = typer.Option(False, "--json", help="Print the registry state as JSON.")):
+    """Registry state: versions, aliases, key metrics and lineage tags."""
+    from erpops.runtime import setup_process
+
+    setup_process()
+    from registry.status import format_state, registry_state
+
+    state = registry_state(_settings(mlflow_config))
+    typer.echo(json.dumps(state, indent=2, ensure_ascii=False) if as_json else format_state(state))
+
+
+@app.command()
+def ui(mlflow_config: Optional[str] = MlflowOpt, port: int = typer.Option(5000, help="Port on 127.0.0.1.")):
+    """Start a real MLflow server on 127.0.0.1 over the same store and print its URL (Ctrl-C stops it)."""
+    import os
+    import subprocess
+
+    settings = _settings(mlflow_config)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", settings.tracking_uri,
+           "--default-artifact-root", Path(settings.artifact_location).resolve().as_uri(),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    typer.echo(f"MLflow UI: http://127.0.0.1:{port}  (experiment {settings.experiment_name}, model {settings.registered_model_name})")
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

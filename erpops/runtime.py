@@ -1,0 +1,46 @@
+"""Process set-up done explicitly (never at import): offline hubs, no telemetry, quiet loggers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+OFFLINE_ENV = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "GX_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "erpops,training,evaluation,registry,deployment,data_contracts",
+}
+
+
+def setup_process(home: Path = Path(".erpops")) -> None:
+    """Environment for a run: nothing reaches a model hub; evaluate caches modules under `home`."""
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("HF_HOME", str((home / "hf").resolve()))
+    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store.db.utils", "great_expectations"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def git_commit() -> str:
+    """HEAD of the working tree, with `-dirty` when it has uncommitted changes; `unknown` outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

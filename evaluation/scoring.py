@@ -1,0 +1,72 @@
+"""Model scoring shared by the optimize and evaluate stages: response NLL and batched greedy answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from erpops.device import Runtime
+from training.data import IGNORE_INDEX, encode_example, pad_batch, prompt_text
+
+
+@dataclass
+class NLL:
+    nll: list[float]
+    """Summed negative log-likelihood of the assistant tokens, per example."""
+    tokens: list[int]
+    """Assistant tokens scored, per example."""
+
+    @property
+    def perplexity(self) -> float:
+        import math
+
+        return math.exp(sum(self.nll) / max(1, sum(self.tokens)))
+
+
+def response_nll(model, tokenizer, examples: list[dict], runtime: Runtime, batch_size: int = 8) -> NLL:
+    """Teacher-forced NLL of every assistant turn (the same tokens the training loss covers)."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    nll, counts = [], []
+    encoded = [encode_example(tokenizer, e["messages"]) for e in examples]
+    with torch.no_grad():
+        for i in range(0, len(encoded), batch_size):
+            batch = pad_batch(encoded[i:i + batch_size], tokenizer.pad_token_id)
+            inputs = {k: v.to(runtime.device) for k, v in batch.items() if k != "labels"}
+            with torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast):
+                logits = model(**inputs).logits.float()
+            labels = batch["labels"].to(runtime.device)[:, 1:]
+            token_nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+            mask = labels != IGNORE_INDEX
+            nll += (token_nll * mask).sum(dim=1).tolist()
+            counts += mask.sum(dim=1).tolist()
+    return NLL(nll, counts)
+
+
+def generate_answers(model, tokenizer, examples: list[dict], runtime: Runtime, max_new_tokens: int,
+                     batch_size: int = 16) -> list[str]:
+    """Greedy answers to each example's last user turn, batched with left padding."""
+    import torch
+
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    try:
+        prompts = [prompt_text(tokenizer, e["messages"]) for e in examples]
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(runtime.device) for k, v in enc.items()}
+            with torch.no_grad(), torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast):
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            answers += [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def reference_answer(example: dict) -> str:
+    return [m for m in example["messages"] if m["role"] == "assistant"][-1]["content"]

