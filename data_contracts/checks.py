@@ -69,7 +69,8 @@ def texts_of(data: dict) -> list[tuple[str, str]]:
     for key in ("instruction", "response", "context", "title", "body"):
         if isinstance(data.get(key), str):
             out.append((key, data[key]))
-    for i, m in enumerate(data.get("messages") or []):
+    messages = data.get("messages")
+    for i, m in enumerate(messages if isinstance(messages, list) else []):
         if isinstance(m, dict) and isinstance(m.get("content"), str):
             out.append((f"messages[{i}]", m["content"]))
     return out

@@ -1,0 +1,89 @@
+"""Shared fixtures: an offline process, a small corpus written per test, a tiny model, a fresh MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from erpops.runtime import setup_process
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES = ("finance", "procurement", "inventory", "sales", "production", "hr", "approvals", "admin")
+
+setup_process(REPO / ".erpops")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def make_corpus(root: Path, n_qa: int = 40, n_chat: int = 10) -> Path:
+    """A small valid corpus in both languages, all modules, with one document per module."""
+    qa = []
+    for i in range(n_qa):
+        m, ko = MODULES[i % 8], i % 2 == 0
+        qa.append({"id": f"qa-{i:03d}", "module": m, "lang": "ko" if ko else "en",
+                   "instruction": f"{m} 모듈에서 {i}번 작업은 어떻게 처리하나요?" if ko else f"How do I complete task {i} in {m}?",
+                   "response": f"{m} 메뉴에서 {i}번 화면을 열고 저장을 누르세요." if ko else f"Open screen {i} in the {m} menu and press Save."})
+    chats = [{"id": f"chat-{i:03d}", "module": MODULES[i % 8], "lang": "en",
+              "messages": [{"role": "user", "content": f"Question {i} about the approval line"},
+                           {"role": "assistant", "content": f"Answer {i}: set the approval line first."}]} for i in range(n_chat)]
+    write_jsonl(root / "qa_pairs.jsonl", qa)
+    write_jsonl(root / "chat_logs.jsonl", chats)
+    docs = root / "erp_docs"
+    docs.mkdir(parents=True, exist_ok=True)
+    topics = {"finance": "journal entries and month-end closing", "procurement": "purchase orders and vendors",
+              "inventory": "stock counts and warehouse transfers", "sales": "quotations and sales orders",
+              "production": "bills of materials and work orders", "hr": "attendance, leave and payroll",
+              "approvals": "approval lines and delegation", "admin": "user accounts and permissions"}
+    for m, topic in topics.items():
+        body = (f"## Overview\nThe {m} module covers {topic}. " + f"This guide explains {topic} step by step. " * 6 +
+                f"\n\n## Steps\nOpen the {m} menu, fill in the {topic} form and save.\n")
+        (docs / f"{m}_guide_en.md").write_text(f"---\ntitle: Guide to {topic}\nmodule: {m}\nlang: en\n---\n{body}", encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    return make_corpus(tmp_path / "erp")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from erpops.config import ModelConfig
+    from training.base_model import resolve_base_model
+
+    return Path(resolve_base_model(ModelConfig(source="tiny"), REPO / ".erpops" / "models"))
+
+
+@pytest.fixture
+def mlflow_settings(tmp_path, monkeypatch):
+    from erpops.config import MLflowSettings
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "ERPOPS_REGISTERED_MODEL", "ERPOPS_ARTIFACT_LOCATION"):
+        monkeypatch.delenv(var, raising=False)
+    return MLflowSettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "artifacts"))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

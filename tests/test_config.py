@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+
+from erpops.config import ConfigError, Recipe, load_mlflow_settings, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert {p.relative_to(REPO / "recipes").as_posix() for p in RECIPES} >= {"smollm2-135m/cpu.yaml", "tiny/test.yaml"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_recipe_loads_and_says_how_to_run_it(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    head = path.read_text(encoding="utf-8").splitlines()[:4]
+    assert any(line.startswith("# Run: erpops run --recipe " + path.relative_to(REPO).as_posix()) for line in head)
+
+
+def test_every_field_has_a_docstring():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no docstring"
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann)
+    walk(Recipe)
+
+
+def test_bad_recipe_reports_every_problem_at_once(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain: {max_steps: 0, batch_size: -1}\nlora: {rank: 8}\noptimize: {ship: q4}\n")
+    with pytest.raises(ConfigError) as e:
+        load_recipe(bad)
+    msg = str(e.value)
+    assert str(bad) in msg
+    for where in ("train.max_steps", "train.batch_size", "lora.rank", "optimize.ship"):
+        assert where in msg
+
+
+def test_missing_and_non_mapping_recipes_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_recipe(tmp_path / "list.yaml")
+
+
+def test_recipe_digest_ignores_layout_but_not_values(tmp_path):
+    a = tmp_path / "a.yaml"
+    b = tmp_path / "b.yaml"
+    a.write_text("name: r\ntrain: {max_steps: 5, batch_size: 2}\n")
+    b.write_text("# comment\ntrain:\n  batch_size: 2\n  max_steps: 5\nname: r\n")
+    assert load_recipe(a).digest() == load_recipe(b).digest()
+    assert load_recipe(a).digest() != load_recipe(a, {"train.max_steps": 6}).digest()
+
+
+def test_mlflow_settings_resolve_relative_paths_and_env_overrides(tmp_path, monkeypatch):
+    cfg = tmp_path / "mlflow.yaml"
+    cfg.write_text("tracking_uri: sqlite:///store/m.db\nartifact_location: arts\nregistered_model_name: m1\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("ERPOPS_REGISTERED_MODEL", raising=False)
+    s = load_mlflow_settings(cfg)
+    assert s.tracking_uri == f"sqlite:///{tmp_path}/store/m.db"
+    assert s.artifact_location == str(tmp_path / "arts")
+    assert s.registered_model_name == "m1"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/x.db")
+    monkeypatch.setenv("ERPOPS_REGISTERED_MODEL", "m2")
+    s = load_mlflow_settings(cfg)
+    assert s.tracking_uri == "sqlite:////elsewhere/x.db" and s.registered_model_name == "m2"

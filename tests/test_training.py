@@ -1,0 +1,88 @@
+"""Training on the tiny model: labels, loss, frozen base, adapter files."""
+
+import json
+
+import pytest
+import torch
+
+from erpops.config import Recipe
+from erpops.device import Runtime, resolve_runtime
+from training.data import IGNORE_INDEX, encode_example
+
+CONVO = [{"role": "user", "content": "전표 입력은 어디서 하나요?"},
+         {"role": "assistant", "content": "재무관리 > 전표 > 전표입력 메뉴입니다."},
+         {"role": "user", "content": "And who approves it?"},
+         {"role": "assistant", "content": "The team lead approves it."}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_labels_are_exactly_the_assistant_tokens(tokenizer):
+    enc = encode_example(tokenizer, CONVO)
+    assert len(enc.input_ids) == len(enc.labels)
+    labelled = [t for t in enc.labels if t != IGNORE_INDEX]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    expected = []
+    for m in CONVO:
+        if m["role"] == "assistant":
+            expected += tokenizer(m["content"], add_special_tokens=False)["input_ids"] + [end]
+    assert labelled == expected
+    # a label is never set where the input is something else
+    assert all(l in (IGNORE_INDEX, i) for i, l in zip(enc.input_ids, enc.labels))
+
+
+def test_user_and_system_text_carry_no_loss(tokenizer):
+    enc = encode_example(tokenizer, CONVO)
+    text = tokenizer.decode([i for i, l in zip(enc.input_ids, enc.labels) if l == IGNORE_INDEX])
+    assert "전표 입력은" in text and "who approves" in text and "assistant" in text
+    assert "team lead" not in text
+
+
+def test_runtime_resolution_is_explicit():
+    assert resolve_runtime("fp32") == Runtime("cpu", "float32") or torch.cuda.is_available()
+    assert resolve_runtime("bf16").compute_dtype == "bfloat16"
+
+
+def test_lora_training_lowers_loss_changes_adapter_and_freezes_base(tiny_model_dir, corpus, tmp_path):
+    from data_contracts.dataset import read_examples
+    from data_contracts.validate import validate_data
+    from training.lora import train_lora
+    from erpops.config import DataConfig
+    from safetensors.torch import load_file
+
+    data = validate_data(DataConfig(root=corpus), tmp_path / "data")
+    recipe = Recipe.model_validate({"name": "t", "model": {"source": "tiny"},
+                                    "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+                                    "train": {"max_steps": 12, "batch_size": 8, "learning_rate": 1e-2, "warmup_steps": 1,
+                                              "precision": "fp32"}})
+    base_before = load_file(tiny_model_dir / "model.safetensors")
+    result = train_lora(recipe, tiny_model_dir, read_examples(data.train_path), tmp_path, Runtime("cpu", "float32"))
+    assert result.final_loss < result.first_loss - 0.05
+    adapter = load_file(result.adapter_dir / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(torch.count_nonzero(v) > 0 for v in lora_b)  # B starts at zero: it moved
+    assert (result.adapter_dir / "recipe.yaml").is_file()
+    cfg = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and set(cfg["target_modules"]) == {"q_proj", "v_proj"}
+    base_after = load_file(tiny_model_dir / "model.safetensors")
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
+
+
+def test_same_seed_same_loss_curve(tiny_model_dir, corpus, tmp_path):
+    from data_contracts.dataset import read_examples
+    from data_contracts.validate import validate_data
+    from erpops.config import DataConfig
+    from training.lora import train_lora
+
+    data = validate_data(DataConfig(root=corpus), tmp_path / "data")
+    recipe = Recipe.model_validate({"name": "t", "model": {"source": "tiny"},
+                                    "train": {"max_steps": 3, "batch_size": 4, "precision": "fp32"}})
+    examples = read_examples(data.train_path)
+    a = train_lora(recipe, tiny_model_dir, examples, tmp_path / "a", Runtime("cpu", "float32"))
+    b = train_lora(recipe, tiny_model_dir, examples, tmp_path / "b", Runtime("cpu", "float32"))
+    assert (a.first_loss, a.final_loss) == (b.first_loss, b.final_loss)
