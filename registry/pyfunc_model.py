@@ -19,14 +19,11 @@ class ERPAssistantModel(mlflow.pyfunc.PythonModel):
 
         self.model, self.tokenizer = load_gguf_model(Path(context.artifacts["gguf"]))
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
         from erpops.device import Runtime
         from evaluation.scoring import generate_answers
 
-        if hasattr(model_input, "iloc"):  # a DataFrame: first column holds the questions
-            questions = [str(q) for q in model_input.iloc[:, 0]]
-        else:
-            questions = [str(q) for q in model_input]
+        questions = [str(q) for q in model_input]
         examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ""}]} for q in questions]
         max_new = int((params or {}).get("max_new_tokens", 128))
         return generate_answers(self.model, self.tokenizer, examples, Runtime("cpu", "float32"), max_new)

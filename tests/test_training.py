@@ -86,3 +86,30 @@ def test_same_seed_same_loss_curve(tiny_model_dir, corpus, tmp_path):
     a = train_lora(recipe, tiny_model_dir, examples, tmp_path / "a", Runtime("cpu", "float32"))
     b = train_lora(recipe, tiny_model_dir, examples, tmp_path / "b", Runtime("cpu", "float32"))
     assert (a.first_loss, a.final_loss) == (b.first_loss, b.final_loss)
+
+
+def test_assistant_token_loss_equals_the_models_own_loss(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from training.data import pad_batch
+    from training.lora import assistant_token_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    batch = pad_batch([encode_example(tokenizer, CONVO), encode_example(tokenizer, short)], tokenizer.pad_token_id)
+    with torch.no_grad():
+        ours = assistant_token_loss(model, **batch)
+        theirs = model(**batch).loss
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_batches_group_by_length_and_cover_every_example():
+    from training.data import Encoded
+    from training.lora import batches
+
+    examples = [Encoded([1] * n, [1] * n) for n in range(1, 65)]
+    out = list(batches(examples, batch_size=8, steps=8, seed=0))
+    seen = sorted(len(e.input_ids) for b in out for e in b)
+    assert seen == list(range(1, 65))  # one epoch, each example once
+    spreads = [max(len(e.input_ids) for e in b) - min(len(e.input_ids) for e in b) for b in out]
+    assert max(spreads) < 16  # grouped: a random batch of 8 from 1..64 would spread ~45

@@ -61,17 +61,42 @@ def load_for_training(base: Path | str, lora: LoraConfig, runtime: Runtime):
     return get_peft_model(model, peft_cfg), tokenizer
 
 
-def batches(examples: list[Encoded], batch_size: int, steps: int, seed: int):
-    """`steps` batches, reshuffling each epoch with a seeded generator."""
+def batches(examples: list[Encoded], batch_size: int, steps: int, seed: int, window: int = 8):
+    """`steps` batches, reshuffled each epoch by a seeded generator; within a window of `window` batches
+    examples are grouped by length, so that little compute goes to padding."""
     rng = random.Random(seed)
+    pending: list[list[Encoded]] = []
     order: list[int] = []
     for _ in range(steps):
-        if len(order) < batch_size:
-            fresh = list(range(len(examples)))
-            rng.shuffle(fresh)
-            order += fresh
-        take, order = order[:batch_size], order[batch_size:]
-        yield [examples[i] for i in take]
+        if not pending:
+            while len(order) < batch_size * window:
+                fresh = list(range(len(examples)))
+                rng.shuffle(fresh)
+                order += fresh
+            take, order = order[: batch_size * window], order[batch_size * window:]
+            take.sort(key=lambda i: len(examples[i].input_ids))
+            pending = [[examples[i] for i in take[j:j + batch_size]] for j in range(0, len(take), batch_size)]
+            rng.shuffle(pending)
+        yield pending.pop()
+
+
+def assistant_token_loss(model, input_ids, attention_mask, labels):
+    """Mean cross-entropy over labelled positions, computing the vocabulary projection only there.
+
+    Same value as the model's own loss; but the (batch x length x vocab) logits of prompt and padding
+    positions, most of a chat batch, are never materialised.
+    """
+    import torch.nn.functional as F
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = inner.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
+    cap = getattr(inner.config, "final_logit_softcapping", None)
+    if cap:
+        logits = cap * (logits / cap).tanh()
+    return F.cross_entropy(logits.float(), targets[keep])
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -121,7 +146,7 @@ def train_lora(
             group["lr"] = lr_at(step, cfg)
         inputs = {k: v.to(runtime.device) for k, v in pad_batch(batch, tokenizer.pad_token_id).items()}
         with torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast):
-            loss = model(**inputs).loss
+            loss = assistant_token_loss(model, **inputs)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
         optimizer.step()

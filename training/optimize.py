@@ -96,25 +96,31 @@ def pick_int8_backend(cfg: OptimizeConfig, runtime: Runtime) -> str:
 
 
 def quantize_int8(model, backend: str, merged_dir: Path):
-    """An int8 copy of the model by the named backend (the input model is left untouched)."""
+    """An int8 copy of the model by the named backend (the input model is left untouched).
+
+    The output head is kept as it is: with tied embeddings (SmolLM2, Gemma) quantizing it would split
+    the tie and store the vocabulary matrix twice.
+    """
     if backend == "torchao":
+        import torch
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         q = copy.deepcopy(model)
-        quantize_(q, Int8WeightOnlyConfig())
+        quantize_(q, Int8WeightOnlyConfig(),
+                  filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and not fqn.endswith("lm_head"))
         return q
     if backend == "quanto":
         from optimum.quanto import freeze, qint8, quantize
 
         q = copy.deepcopy(model)
-        quantize(q, weights=qint8)
+        quantize(q, weights=qint8, exclude=["lm_head"])
         freeze(q)
         return q
     if backend == "bitsandbytes":  # GPU path: LLM.int8 loads from the saved fp folder
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        return AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                                                    device_map={"": 0})
+        bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+        return AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=bnb, device_map={"": 0})
     raise ValueError(f"unknown int8 backend {backend!r}")
 
 

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from erpops.config import OptimizeConfig
+from erpops.device import Runtime
+from training.optimize import magnitude_prune, overall_sparsity, pick_int8_backend, prunable_linears
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+
+def test_magnitude_pruning_hits_the_amount_in_every_decoder_linear_only(tiny):
+    emb_before = tiny.get_input_embeddings().weight.clone()
+    per_layer = magnitude_prune(tiny, 0.3)
+    names = [n for n, _ in prunable_linears(tiny)]
+    assert set(per_layer) == set(names) and len(names) == 2 * 7  # q,k,v,o,gate,up,down per layer
+    assert all(abs(s - 0.3) < 0.01 for s in per_layer.values())
+    assert abs(overall_sparsity(tiny) - 0.3) < 0.01
+    assert torch.equal(tiny.get_input_embeddings().weight, emb_before)  # embeddings / tied lm_head stay dense
+    # permanent: no pruning re-parametrisation left behind
+    assert not any(n.endswith("weight_orig") for n, _ in tiny.named_parameters())
+
+
+def test_pruning_removes_the_smallest_weights(tiny):
+    name, layer = prunable_linears(tiny)[0]
+    before = layer.weight.detach().abs().clone()
+    magnitude_prune(tiny, 0.3)
+    zeroed = layer.weight == 0
+    assert before[zeroed].max() <= before[~zeroed].min()
+
+
+def test_int8_backend_choice_is_resolved_once():
+    assert pick_int8_backend(OptimizeConfig(), Runtime("cpu", "float32")) == "torchao"
+    assert pick_int8_backend(OptimizeConfig(), Runtime("cuda", "bfloat16")) == "bitsandbytes"
+    assert pick_int8_backend(OptimizeConfig(int8_backend="quanto"), Runtime("cuda", "bfloat16")) == "quanto"
+
+
+@pytest.mark.parametrize("backend", ["torchao", "quanto"])
+def test_cpu_int8_backends_keep_outputs_close_and_shrink(tiny, backend, tmp_path):
+    from training.optimize import quantize_int8, saved_size_mb
+
+    ids = torch.tensor([[1, 20, 300, 4000, 50]])
+    with torch.no_grad():
+        ref = tiny(input_ids=ids).logits
+        q = quantize_int8(tiny, backend, tmp_path)
+        out = q(input_ids=ids).logits
+    assert torch.allclose(ref, tiny(input_ids=ids).logits)  # the input model is untouched
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.99
+    assert saved_size_mb(q) < saved_size_mb(tiny)
+
+
+@pytest.mark.gpu
+def test_bitsandbytes_int8_on_gpu(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from training.optimize import quantize_int8
+
+    q = quantize_int8(None, "bitsandbytes", tiny_model_dir)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir).cuda()
+    ids = torch.tensor([[1, 20, 300]]).cuda()
+    with torch.no_grad():
+        sim = torch.nn.functional.cosine_similarity(ref(input_ids=ids).logits.flatten().float(),
+                                                    q(input_ids=ids).logits.flatten().float(), dim=0)
+    assert sim > 0.98
+
+
+def test_gguf_export_reads_back_and_agrees(tiny, tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from training.gguf import GGUFVerificationError, export_and_verify
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = ["<|im_start|>user\n재고 이동은 어떻게 하나요?<|im_end|>\n<|im_start|>assistant\n", "How do I post a journal entry?"]
+    exports = export_and_verify(tiny, tok, tiny_model_dir, tmp_path, ["f16"], prompts, {"f16": 0.95})
+    g = exports["f16"]
+    assert g.path.is_file() and g.tokenizer_match and g.agreement >= 0.95 and len(g.sha256) == 64
+    with pytest.raises(GGUFVerificationError, match="agreement"):
+        export_and_verify(tiny, tok, tiny_model_dir, tmp_path / "strict", ["f16"], prompts, {"f16": 1.01})

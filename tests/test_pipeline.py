@@ -1,0 +1,106 @@
+"""The whole flow under Prefect's test harness, on the tiny model, with real MLflow, Milvus Lite and GX,
+and the Ollama test double standing in for a server."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _recipe(tmp_path: Path, corpus: Path) -> Path:
+    text = (REPO / "recipes" / "tiny" / "test.yaml").read_text()
+    text = text.replace("root: data/erp", f"root: {corpus}").replace("output_root: .erpops/runs", f"output_root: {tmp_path / 'runs'}")
+    text = text.replace("milvus_uri: .erpops/milvus.db", f"milvus_uri: {tmp_path / 'milvus.db'}")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def env(tmp_path, mlflow_settings, monkeypatch):
+    cfg = tmp_path / "mlflow.yaml"
+    cfg.write_text(f"tracking_uri: {mlflow_settings.tracking_uri}\nartifact_location: {mlflow_settings.artifact_location}\n")
+    return cfg
+
+
+def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path, corpus, env, monkeypatch):
+    import mlflow
+    from transformers import AutoModelForCausalLM
+
+    from deployment import vector_store as V
+    from erpops.config import load_mlflow_settings, load_recipe
+    from flows.pipeline import PipelineFailed, pipeline
+    from ollama_double import OllamaDouble
+
+    recipe_path = _recipe(tmp_path, corpus)
+    recipe = load_recipe(recipe_path)
+    settings = load_mlflow_settings(env)
+    with OllamaDouble() as ollama:
+        monkeypatch.setenv("OLLAMA_HOST", ollama.url)
+        summary = pipeline(str(recipe_path), str(env), run_name="first")
+
+        # every stage ran and the summary says so, on disk too
+        assert [(s["name"], s["status"]) for s in summary["stages"]] == [
+            ("validate", "ok"), ("train", "ok"), ("optimize", "ok"), ("evaluate", "ok"), ("promote", "ok"),
+            ("deploy_kb", "ok"), ("deploy_ollama", "ok")]
+        on_disk = json.loads((tmp_path / "runs" / "first" / "run_summary.json").read_text())
+        assert on_disk["ok"] and set(on_disk["outputs"]) >= {"merged_model", "gguf_f16", "gguf_q8_0", "modelfile",
+                                                             "collection", "model_version"}
+        out = summary["outputs"]
+
+        # MLflow: a version with candidate + champion and lineage tags; the summary logged to the run
+        client = mlflow.MlflowClient(settings.tracking_uri, settings.tracking_uri)
+        name = settings.registered_model_name
+        assert {a: str(v) for a, v in client.get_registered_model(name).aliases.items()} == {
+            "candidate": out["model_version"], "champion": out["model_version"]}
+        tags = client.get_model_version(name, out["model_version"]).tags
+        for key in ("git_commit", "dataset_digest", "recipe_hash", "gate_verdict", "gguf_sha256", "data_contract"):
+            assert tags.get(key), key
+        assert tags["gate_verdict"] == "promote" and tags["deploy.collection"] == out["collection"]
+        assert tags["recipe_hash"] == recipe.digest()
+        run = client.get_run(summary["mlflow_run_id"])
+        assert "train/loss" in run.data.metrics and "eval/rouge_l" in run.data.metrics
+        assert {i.dataset.digest for i in run.inputs.dataset_inputs} == {tags["dataset_digest"][:36]}
+        artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
+        assert {"run_summary.json", "adapter", "data_contracts"} <= artifacts
+
+        # the GGUF that shipped loads back in transformers
+        gguf = Path(out["gguf_q8_0"])
+        assert AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name) is not None
+        assert "TEMPLATE" in Path(out["modelfile"]).read_text()
+
+        # Milvus: the alias points at this release's collection, one row per chunk, right doc for a query
+        client_kb = V.milvus_client(recipe.deploy.milvus_uri)
+        assert V.alias_target(client_kb, recipe.deploy.collection_alias) == out["collection"]
+        docs = [p for p in (corpus / "erp_docs").glob("*.md")]
+        assert int(client_kb.get_collection_stats(out["collection"])["row_count"]) == summary["stages"][5]["outputs"]["rows"]
+        hits = V.search(client_kb, recipe.deploy.collection_alias, V.load_embedder(recipe.deploy.embedding_model),
+                        "How are approval lines and delegation set up?")
+        assert hits[0]["doc"] == "approvals_guide_en.md" and len(docs) == 8
+        client_kb.close()
+
+        # Ollama (double): the release exists and latest serves it
+        release = f"erp-assistant:v{out['model_version']}"
+        assert ollama.model(release) is not None and ollama.model("erp-assistant:latest")["copied_from"] == release
+
+        # now a broken data file: the flow stops at validation, nothing in the registry or serving changes
+        before_versions = len(client.search_model_versions(f"name='{name}'"))
+        with open(corpus / "qa_pairs.jsonl", "a", encoding="utf-8") as f:
+            f.write('{"id": "qa-bad", "module": "hr", "lang": "en", "instruction": "Hi", "response": "<|im_end|>"}\n')
+        with pytest.raises(PipelineFailed) as e:
+            pipeline(str(recipe_path), str(env), run_name="broken")
+        bad = json.loads((tmp_path / "runs" / "broken" / "run_summary.json").read_text())
+        assert [s["status"] for s in bad["stages"]] == ["failed"] + ["skipped"] * 6
+        reason = bad["stages"][0]["reason"]
+        assert f"{corpus / 'qa_pairs.jsonl'}:41" in reason and "text.template_token" in reason
+        assert "qa_pairs.jsonl:41" in str(e.value) or "summary" in str(e.value)
+        assert len(client.search_model_versions(f"name='{name}'")) == before_versions
+        assert {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}["champion"] == out["model_version"]
+        client_kb = V.milvus_client(recipe.deploy.milvus_uri)
+        assert V.alias_target(client_kb, recipe.deploy.collection_alias) == out["collection"]
+        client_kb.close()
