@@ -70,14 +70,11 @@ def run(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
 
     r = _load(recipe)  # fail fast on a bad recipe, before Prefect starts
     from erpops.summary import RunSummary
-    from flows.pipeline import PipelineFailed, pipeline
+    from flows.pipeline import pipeline
 
     run_name = run_name or f"{r.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = r.output_root / run_name / "run_summary.json"
-    try:
-        pipeline(recipe_path=recipe, mlflow_config=mlflow_config, run_name=run_name)
-    except PipelineFailed:
-        pass
+    pipeline(recipe_path=recipe, mlflow_config=mlflow_config, run_name=run_name, return_state=True)
     if not path.is_file():
         _fail(f"the pipeline ended before writing {path}")
     summary = RunSummary.read(path)

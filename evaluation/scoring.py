@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from erpops.device import Runtime
-from training.data import IGNORE_INDEX, encode_example, pad_batch, prompt_text
+from training.data import encode_example, pad_batch, prompt_text
 
 
 @dataclass
@@ -27,20 +27,21 @@ def response_nll(model, tokenizer, examples: list[dict], runtime: Runtime, batch
     import torch
     import torch.nn.functional as F
 
+    from training.lora import labelled_logits
+
     model.eval()
     nll, counts = [], []
     encoded = [encode_example(tokenizer, e["messages"]) for e in examples]
     with torch.no_grad():
         for i in range(0, len(encoded), batch_size):
-            batch = pad_batch(encoded[i:i + batch_size], tokenizer.pad_token_id)
-            inputs = {k: v.to(runtime.device) for k, v in batch.items() if k != "labels"}
+            batch = {k: v.to(runtime.device) for k, v in pad_batch(encoded[i:i + batch_size], tokenizer.pad_token_id).items()}
             with torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast):
-                logits = model(**inputs).logits.float()
-            labels = batch["labels"].to(runtime.device)[:, 1:]
-            token_nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-            mask = labels != IGNORE_INDEX
-            nll += (token_nll * mask).sum(dim=1).tolist()
-            counts += mask.sum(dim=1).tolist()
+                logits, targets, keep = labelled_logits(model, **batch)
+            token_nll = F.cross_entropy(logits, targets, reduction="none")
+            rows = keep.nonzero()[:, 0]
+            per_example = torch.zeros(keep.shape[0], device=token_nll.device).index_add_(0, rows, token_nll)
+            nll += per_example.tolist()
+            counts += keep.sum(dim=1).tolist()
     return NLL(nll, counts)
 
 

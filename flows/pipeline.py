@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 
 from data_contracts.dataset import read_examples
 from data_contracts.validate import validate_data
@@ -34,10 +35,6 @@ from training.optimize import optimize_model
 
 log = logging.getLogger("erpops.pipeline")
 
-
-class PipelineFailed(RuntimeError):
-    """Raised after the summary is written, so that Prefect marks the flow run Failed."""
-
 validate_task = task(validate_data, name="validate", cache_policy=NO_CACHE)
 base_model_task = task(resolve_base_model, name="base-model", cache_policy=NO_CACHE)
 train_task = task(train_lora, name="train", cache_policy=NO_CACHE)
@@ -51,8 +48,12 @@ ollama_task = task(deploy_model, name="deploy-ollama", cache_policy=NO_CACHE)
 
 @flow(name="erpops-pipeline", log_prints=True)
 def pipeline(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_config: str | None = None,
-             run_name: str | None = None) -> dict:
-    """Validate -> train -> optimize -> evaluate -> promote -> deploy; returns the run summary."""
+             run_name: str | None = None):
+    """Validate -> train -> optimize -> evaluate -> promote -> deploy.
+
+    Returns the run summary (a dict); when a stage failed, a Failed state whose message names the stage,
+    the reason and the summary file.
+    """
     setup_process()
     recipe = load_recipe(recipe_path)
     settings = load_mlflow_settings(mlflow_config)
@@ -75,9 +76,9 @@ def pipeline(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_config: 
         tracker.log_dict(summary.to_dict(), "run_summary.json")
         tracker.end("FINISHED" if summary.ok else "FAILED")
         path = summary.write()
-    if not summary.ok:
+    if not summary.ok:  # a Failed state, not an exception: the reason is in the summary, not a traceback
         failed = [f"{r.name}: {r.reason}" for r in summary.stages.values() if r.status == "failed"]
-        raise PipelineFailed(f"pipeline failed ({'; '.join(failed)}); summary: {path}")
+        return Failed(message=f"pipeline failed ({'; '.join(failed)}); summary: {path}")
     return summary.to_dict()
 
 
@@ -166,5 +167,5 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 if __name__ == "__main__":
-    result = pipeline(sys.argv[1] if len(sys.argv) > 1 else "recipes/smollm2-135m/cpu.yaml")
-    sys.exit(0 if result["ok"] else 1)
+    state = pipeline(sys.argv[1] if len(sys.argv) > 1 else "recipes/smollm2-135m/cpu.yaml", return_state=True)
+    sys.exit(0 if state.is_completed() else 1)

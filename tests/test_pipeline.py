@@ -34,7 +34,7 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
 
     from deployment import vector_store as V
     from erpops.config import load_mlflow_settings, load_recipe
-    from flows.pipeline import PipelineFailed, pipeline
+    from flows.pipeline import pipeline
     from ollama_double import OllamaDouble
 
     recipe_path = _recipe(tmp_path, corpus)
@@ -92,13 +92,12 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
         before_versions = len(client.search_model_versions(f"name='{name}'"))
         with open(corpus / "qa_pairs.jsonl", "a", encoding="utf-8") as f:
             f.write('{"id": "qa-bad", "module": "hr", "lang": "en", "instruction": "Hi", "response": "<|im_end|>"}\n')
-        with pytest.raises(PipelineFailed) as e:
-            pipeline(str(recipe_path), str(env), run_name="broken")
+        state = pipeline(str(recipe_path), str(env), run_name="broken", return_state=True)
+        assert state.is_failed() and "validate" in state.message and "run_summary.json" in state.message
         bad = json.loads((tmp_path / "runs" / "broken" / "run_summary.json").read_text())
         assert [s["status"] for s in bad["stages"]] == ["failed"] + ["skipped"] * 6
         reason = bad["stages"][0]["reason"]
         assert f"{corpus / 'qa_pairs.jsonl'}:41" in reason and "text.template_token" in reason
-        assert "qa_pairs.jsonl:41" in str(e.value) or "summary" in str(e.value)
         assert len(client.search_model_versions(f"name='{name}'")) == before_versions
         assert {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}["champion"] == out["model_version"]
         client_kb = V.milvus_client(recipe.deploy.milvus_uri)

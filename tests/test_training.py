@@ -113,3 +113,24 @@ def test_batches_group_by_length_and_cover_every_example():
     assert seen == list(range(1, 65))  # one epoch, each example once
     spreads = [max(len(e.input_ids) for e in b) - min(len(e.input_ids) for e in b) for b in out]
     assert max(spreads) < 16  # grouped: a random batch of 8 from 1..64 would spread ~45
+
+
+def test_response_nll_matches_a_plain_full_logits_computation(tiny_model_dir, tokenizer):
+    import math
+
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from evaluation.scoring import response_nll
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    examples = [{"messages": CONVO}, {"messages": CONVO[:2]}]
+    got = response_nll(model, tokenizer, examples, Runtime("cpu", "float32"))
+    for ex, nll, n in zip(examples, got.nll, got.tokens):
+        enc = encode_example(tokenizer, ex["messages"])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([enc.input_ids])).logits[0, :-1]
+        labels = torch.tensor(enc.labels[1:])
+        expected = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
+        assert n == int((labels != IGNORE_INDEX).sum())
+        assert math.isclose(nll, expected, rel_tol=1e-4)

@@ -80,14 +80,12 @@ def batches(examples: list[Encoded], batch_size: int, steps: int, seed: int, win
         yield pending.pop()
 
 
-def assistant_token_loss(model, input_ids, attention_mask, labels):
-    """Mean cross-entropy over labelled positions, computing the vocabulary projection only there.
+def labelled_logits(model, input_ids, attention_mask, labels):
+    """Logits and targets at the labelled (assistant) positions only.
 
-    Same value as the model's own loss; but the (batch x length x vocab) logits of prompt and padding
-    positions, most of a chat batch, are never materialised.
+    The vocabulary projection runs only where a target exists: the (batch x length x vocab) logits of
+    prompt and padding positions, most of a chat batch, are never materialised.
     """
-    import torch.nn.functional as F
-
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = inner.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     targets = labels[:, 1:]
@@ -96,7 +94,15 @@ def assistant_token_loss(model, input_ids, attention_mask, labels):
     cap = getattr(inner.config, "final_logit_softcapping", None)
     if cap:
         logits = cap * (logits / cap).tanh()
-    return F.cross_entropy(logits.float(), targets[keep])
+    return logits.float(), targets[keep], keep
+
+
+def assistant_token_loss(model, input_ids, attention_mask, labels):
+    """Mean cross-entropy over assistant tokens: the model's own loss, computed without wasted logits."""
+    import torch.nn.functional as F
+
+    logits, targets, _ = labelled_logits(model, input_ids, attention_mask, labels)
+    return F.cross_entropy(logits, targets)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -186,7 +186,7 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
             if not v.name.startswith("gguf_"):
                 tracker.log_metrics({f"optimize/{v.name}/perplexity": v.perplexity, f"optimize/{v.name}/size_mb": v.size_mb,
                                      f"optimize/{v.name}/sparsity": v.sparsity})
-        tracker.log_params({"optimize.int8_backend": backend})
+        tracker.set_tags({"optimize.int8_backend_resolved": backend})
         tracker.log_artifact(out_dir / "optimize.json", "optimize")
         tracker.log_text(result.table(), "optimize/variants.txt")
     return result
