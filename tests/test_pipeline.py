@@ -3,6 +3,8 @@ and the Ollama test double standing in for a server."""
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,14 +77,13 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
         assert "TEMPLATE" in Path(out["modelfile"]).read_text()
 
         # Milvus: the alias points at this release's collection, one row per chunk, right doc for a query
-        client_kb = V.milvus_client(recipe.deploy.milvus_uri)
-        assert V.alias_target(client_kb, recipe.deploy.collection_alias) == out["collection"]
-        docs = [p for p in (corpus / "erp_docs").glob("*.md")]
-        assert int(client_kb.get_collection_stats(out["collection"])["row_count"]) == summary["stages"][5]["outputs"]["rows"]
-        hits = V.search(client_kb, recipe.deploy.collection_alias, V.load_embedder(recipe.deploy.embedding_model),
-                        "How are approval lines and delegation set up?")
-        assert hits[0]["doc"] == "approvals_guide_en.md" and len(docs) == 8
-        client_kb.close()
+        with V.open_milvus(recipe.deploy.milvus_uri) as client_kb:
+            assert V.alias_target(client_kb, recipe.deploy.collection_alias) == out["collection"]
+            docs = [p for p in (corpus / "erp_docs").glob("*.md")]
+            assert int(client_kb.get_collection_stats(out["collection"])["row_count"]) == summary["stages"][5]["outputs"]["rows"]
+            hits = V.search(client_kb, recipe.deploy.collection_alias, V.load_embedder(recipe.deploy.embedding_model),
+                            "How are approval lines and delegation set up?")
+            assert hits[0]["doc"] == "approvals_guide_en.md" and len(docs) == 8
 
         # Ollama (double): the release exists and latest serves it
         release = f"erp-assistant:v{out['model_version']}"
@@ -100,6 +101,58 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
         assert f"{corpus / 'qa_pairs.jsonl'}:41" in reason and "text.template_token" in reason
         assert len(client.search_model_versions(f"name='{name}'")) == before_versions
         assert {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}["champion"] == out["model_version"]
-        client_kb = V.milvus_client(recipe.deploy.milvus_uri)
-        assert V.alias_target(client_kb, recipe.deploy.collection_alias) == out["collection"]
-        client_kb.close()
+        with V.open_milvus(recipe.deploy.milvus_uri) as client_kb:
+            assert V.alias_target(client_kb, recipe.deploy.collection_alias) == out["collection"]
+
+        # fix the data; a second good run becomes champion, the first previous; then roll back
+        lines = (corpus / "qa_pairs.jsonl").read_text(encoding="utf-8").splitlines()
+        (corpus / "qa_pairs.jsonl").write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
+        second = pipeline(str(recipe_path), str(env), run_name="second")
+        v1, v2 = out["model_version"], second["outputs"]["model_version"]
+        assert second["stages"][3]["outputs"]["champion"] is not None  # gated against the champion
+        assert {a: str(v) for a, v in client.get_registered_model(name).aliases.items()} == {
+            "candidate": v2, "champion": v2, "previous": v1}
+        assert ollama.model("erp-assistant:latest")["copied_from"] == f"erp-assistant:v{v2}"
+
+        proc = subprocess.run([sys.executable, "-m", "erpops.cli", "rollback", "--recipe", str(recipe_path),
+                               "--mlflow-config", str(env)], capture_output=True, text=True,
+                              env={**os.environ, "OLLAMA_HOST": ollama.url})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        result = json.loads(proc.stdout)
+        assert result["champion"] == v1 and result["collection"] == out["collection"]
+        aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+        assert aliases["champion"] == v1 and "previous" not in aliases
+        with V.open_milvus(recipe.deploy.milvus_uri) as client_kb:
+            assert V.alias_target(client_kb, recipe.deploy.collection_alias) == out["collection"]
+        assert ollama.model("erp-assistant:latest")["copied_from"] == f"erp-assistant:v{v1}"
+
+
+def test_ui_serves_the_same_store(tmp_path, env):
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "erpops.cli", "ui", "--mlflow-config", str(env), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        first = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in first
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5") as r:
+                    body = json.loads(r.read())
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(1)
+        assert any(e["name"] == "Default" for e in body["experiments"])
+        assert (tmp_path / "mlflow.db").exists()  # the server created and serves the configured sqlite store
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

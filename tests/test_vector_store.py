@@ -34,12 +34,11 @@ def test_release_switches_alias_and_failed_health_leaves_it(tmp_path, monkeypatc
     assert r1.collection == "kb_v1" and r1.previous_collection is None
     assert r1.rows == len(V.chunk_docs(DOCS, cfg.chunk_chars, cfg.chunk_overlap))
 
-    client = V.milvus_client(cfg.milvus_uri)
-    embedder = V.load_embedder(cfg.embedding_model)
-    assert V.alias_target(client, "kb") == "kb_v1"
-    hits = V.search(client, "kb", embedder, "How do I move stock to another warehouse?")
-    assert hits[0]["doc"] == "inventory_transfer_en.md" and hits[0]["score"] > 0.3
-    client.close()
+    with V.open_milvus(cfg.milvus_uri) as client:
+        embedder = V.load_embedder(cfg.embedding_model)
+        assert V.alias_target(client, "kb") == "kb_v1"
+        hits = V.search(client, "kb", embedder, "How do I move stock to another warehouse?")
+        assert hits[0]["doc"] == "inventory_transfer_en.md" and hits[0]["score"] > 0.3
 
     r2 = V.deploy_knowledge_base(cfg, DOCS, "v2")
     assert r2.previous_collection == "kb_v1"
@@ -48,14 +47,12 @@ def test_release_switches_alias_and_failed_health_leaves_it(tmp_path, monkeypatc
     monkeypatch.setattr(V, "search", lambda *a, **k: [{"doc": "wrong.md", "title": "x", "score": 0.1}])
     with pytest.raises(V.KBHealthError):
         V.deploy_knowledge_base(cfg, DOCS, "v3")
-    client = V.milvus_client(cfg.milvus_uri)
-    assert V.alias_target(client, "kb") == "kb_v2"
-    assert not client.has_collection("kb_v3")
-    client.close()
+    with V.open_milvus(cfg.milvus_uri) as client:
+        assert V.alias_target(client, "kb") == "kb_v2"
+        assert not client.has_collection("kb_v3")
 
     V.point_alias(cfg.milvus_uri, "kb", "kb_v1")
-    client = V.milvus_client(cfg.milvus_uri)
-    assert V.alias_target(client, "kb") == "kb_v1"
-    client.close()
+    with V.open_milvus(cfg.milvus_uri) as client:
+        assert V.alias_target(client, "kb") == "kb_v1"
     with pytest.raises(V.KBHealthError, match="no longer exists"):
         V.point_alias(cfg.milvus_uri, "kb", "kb_v9")

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class Variant:
     name: str
-    perplexity: float
+    perplexity: float | None
+    """Response perplexity on held-out examples; None where not measured here (GGUF: see evaluate)."""
     size_mb: float
     sparsity: float
     seconds: float
@@ -46,7 +47,8 @@ class OptimizeResult:
 
     def table(self) -> str:
         rows = [f"{'variant':<22}{'ppl':>10}{'size MB':>10}{'sparsity':>10}"]
-        rows += [f"{v.name:<22}{v.perplexity:>10.2f}{v.size_mb:>10.1f}{v.sparsity:>10.3f}" for v in self.variants]
+        rows += [f"{v.name:<22}{'-' if v.perplexity is None else f'{v.perplexity:.2f}':>10}{v.size_mb:>10.1f}{v.sparsity:>10.3f}"
+                 for v in self.variants]
         return "\n".join(rows)
 
 
@@ -172,7 +174,7 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
     gguf = export_and_verify(model.cpu(), tokenizer, merged_dir, out_dir / "gguf", list(cfg.gguf_types), prompts,
                              dict(cfg.min_agreement))
     for g in gguf.values():
-        variants.append(Variant(f"gguf_{g.kind}", float("nan"), g.size_mb, overall_sparsity(model), 0.0))
+        variants.append(Variant(f"gguf_{g.kind}", None, g.size_mb, overall_sparsity(model), 0.0))
 
     result = OptimizeResult(merged_dir, variants, backend, layer_sparsity, gguf)
     write_json(out_dir / "optimize.json", {"int8_backend": backend, "variants": [asdict(v) for v in variants],
@@ -183,7 +185,7 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
             tracker.log_metrics({f"optimize/gguf_{g.kind}/size_mb": g.size_mb, f"optimize/gguf_{g.kind}/agreement": g.agreement})
             tracker.set_tags({f"gguf.{g.kind}.sha256": g.sha256})
         for v in variants:
-            if not v.name.startswith("gguf_"):
+            if v.perplexity is not None:
                 tracker.log_metrics({f"optimize/{v.name}/perplexity": v.perplexity, f"optimize/{v.name}/size_mb": v.size_mb,
                                      f"optimize/{v.name}/sparsity": v.sparsity})
         tracker.set_tags({"optimize.int8_backend_resolved": backend})
