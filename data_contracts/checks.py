@@ -85,3 +85,52 @@ def check_template_tokens(file: str, row: Row, extra_tokens: tuple[str, ...] = (
         if found:
             out.append(Violation("text.template_token", file, row.line, f"{field} contains chat-template control token(s) {found}"))
     return out
+
+
+def set_text(data: dict, field: str, value: str) -> None:
+    """Write back a text found by texts_of (e.g. `messages[2]`)."""
+    if field.startswith("messages["):
+        data["messages"][int(field[9:-1])]["content"] = value
+    else:
+        data[field] = value
+
+
+def check_pii(file: str, row: Row, policy: str) -> list[Violation]:
+    """Personal data: an error per kind under `reject`; under `mask` the text is masked in place and a
+    warning says what was masked."""
+    from collections import Counter
+
+    from data_contracts.rules import find_pii, mask_pii
+
+    out = []
+    totals: Counter = Counter()
+    for field, text in texts_of(row.data):
+        if policy == "reject":
+            kinds = sorted({k for k, _, _ in find_pii(text)})
+            if kinds:
+                out.append(Violation("pii.found", file, row.line, f"{field} contains personal data: {', '.join(kinds)}"))
+        else:
+            masked, counts = mask_pii(text)
+            if counts:
+                set_text(row.data, field, masked)
+                totals.update(counts)
+    if totals:
+        out.append(Violation("pii.masked", file, row.line,
+                             "masked " + ", ".join(f"{n} {k}" for k, n in sorted(totals.items())), "warning"))
+    return out
+
+
+def check_language(file: str, row: Row, min_share: float) -> list[Violation]:
+    """`lang` must agree with the script of the row's text (Hangul for ko, Latin for en)."""
+    from data_contracts.rules import lang_agrees
+
+    lang = row.data.get("lang")
+    if lang not in ("ko", "en"):
+        return []  # the GX enum rule reports it
+    text = " ".join(t for f, t in texts_of(row.data) if f != "context")
+    ok, share = lang_agrees(lang, text, min_share)
+    if ok:
+        return []
+    script = "Hangul" if lang == "ko" else "Latin"
+    got = share if lang == "ko" else 1 - share
+    return [Violation("lang.script", file, row.line, f"lang is {lang!r} but only {got:.0%} of letters are {script} (needs {min_share:.0%})")]

@@ -107,6 +107,9 @@ def validate_sources(cfg: DataConfig, extra_template_tokens: tuple[str, ...] = (
             if name == "chat_logs" and not row_violations:
                 row_violations += checks.check_chat_structure(file, row)
             row_violations += checks.check_template_tokens(file, row, extra_template_tokens)
+            if not any(v.rule.startswith("schema.") for v in row_violations):
+                row_violations += checks.check_pii(file, row, cfg.pii_policy)
+                row_violations += checks.check_language(file, row, cfg.lang_min_share)
             report.violations += row_violations
             if not any(v.rule.startswith(("schema.", "chat.")) for v in row_violations):
                 good.append(row)
@@ -119,3 +122,30 @@ def validate_sources(cfg: DataConfig, extra_template_tokens: tuple[str, ...] = (
         report.gx_results[name] = gx_result
         keep.extend(dict(r.data, _line=r.line) for r in good)
     return report, corpus
+
+
+def check_corpus(cfg: DataConfig, tokenizer=None):
+    """Every contract: sources (GX + row rules), then the split dataset (duplicates, leakage, coverage,
+    token length when a tokenizer is given). Returns (report, corpus, dataset or None when blocked)."""
+    from data_contracts import rules
+    from data_contracts.dataset import build_dataset
+    from erpops.config import MODULES
+
+    extra = tuple(tokenizer.all_special_tokens) if tokenizer is not None else ()
+    report, corpus = validate_sources(cfg, extra)
+    if not report.ok:
+        return report, corpus, None
+    qa_file, chat_file = str(cfg.root / cfg.qa_pairs), str(cfg.root / cfg.chat_logs)
+    where = {r["id"]: (qa_file, r["_line"]) for r in corpus.qa_pairs}
+    where.update({r["id"]: (chat_file, r["_line"]) for r in corpus.chat_logs})
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "_line"} for r in rows]  # noqa: E731
+    ds = build_dataset(strip(corpus.qa_pairs), strip(corpus.chat_logs), cfg.split_seed, cfg.eval_fraction)
+    train = [rules.Located(*where[e["id"]], e) for e in ds.train]
+    evals = [rules.Located(*where[e["id"]], e) for e in ds.eval]
+    report.violations += rules.duplicate_violations(train, cfg.near_duplicate_threshold)
+    report.violations += rules.leakage_violations(train, evals)
+    report.violations += rules.coverage_violations(train, cfg.min_examples_per_module, MODULES, qa_file)
+    if tokenizer is not None:
+        report.violations += rules.length_violations(train + evals, tokenizer, cfg.max_seq_len)
+    report.counts.update({"train": len(ds.train), "eval": len(ds.eval)})
+    return report, corpus, (ds if report.ok else None)

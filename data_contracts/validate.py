@@ -9,8 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_contracts.contracts import validate_sources
-from data_contracts.dataset import build_dataset
+from data_contracts.contracts import check_corpus
 from data_contracts.report import DataContractError, ValidationReport
 from erpops.config import DataConfig
 from erpops.tracking import Tracker, write_json
@@ -30,28 +29,27 @@ class ValidateResult:
     n_eval: int
 
 
-def validate_data(cfg: DataConfig, out_dir: Path, tracker: Tracker | None = None) -> ValidateResult:
-    """Check every source; on a blocking failure log the report and raise DataContractError."""
-    report, corpus = validate_sources(cfg)
+def validate_data(cfg: DataConfig, out_dir: Path, tracker: Tracker | None = None, tokenizer=None) -> ValidateResult:
+    """Check every contract; on a blocking failure log the report and raise DataContractError."""
+    report, corpus, ds = check_corpus(cfg, tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "data_report.json", report.to_dict())
     write_json(out_dir / "gx_results.json", report.gx_results)
+    masked = sum(1 for v in report.violations if v.rule == "pii.masked")
     if tracker:
         tracker.log_dict(report.to_dict(), "data_contracts/report.json")
         tracker.log_dict(report.gx_results, "data_contracts/gx_results.json")
-        tracker.log_metrics({"data/errors": len(report.errors), "data/warnings": len(report.violations) - len(report.errors)})
-    if not report.ok:
+        tracker.log_metrics({"data/errors": len(report.errors), "data/warnings": len(report.violations) - len(report.errors),
+                             "data/pii_masked_rows": masked})
+    if ds is None:
         if tracker:
             tracker.set_tags({"data_contract": "failed"})
         raise DataContractError(report)
 
-    strip = [{k: v for k, v in r.items() if k != "_line"} for r in corpus.qa_pairs]
-    chats = [{k: v for k, v in r.items() if k != "_line"} for r in corpus.chat_logs]
-    ds = build_dataset(strip, chats, cfg.split_seed, cfg.eval_fraction)
     paths = ds.write(out_dir)
     docs = [{k: v for k, v in d.items() if k != "_line"} for d in corpus.docs]
-    log.info("data contracts pass: %d train / %d eval examples, %d docs, digest %s",
-             len(ds.train), len(ds.eval), len(docs), ds.digest[:12])
+    log.info("data contracts pass: %d train / %d eval examples, %d docs, digest %s (%d warnings, %d rows masked)",
+             len(ds.train), len(ds.eval), len(docs), ds.digest[:12], len(report.violations), masked)
     if tracker:
         tracker.set_tags({"data_contract": "passed", "dataset.digest": ds.digest})
         tracker.log_metrics({"data/train_examples": len(ds.train), "data/eval_examples": len(ds.eval),

@@ -78,6 +78,10 @@ def run(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     if not path.is_file():
         _fail(f"the pipeline ended before writing {path}")
     summary = RunSummary.read(path)
+    import logging
+
+    for name in ("prefect", "milvus_lite"):  # their shutdown notes would otherwise follow the summary line
+        logging.getLogger(name).setLevel(logging.WARNING)
     typer.echo("\n" + summary.table())
     for k, v in summary.metrics.items():
         typer.echo(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
@@ -96,9 +100,10 @@ def validate(recipe: str = RecipeOpt,
 
     setup_process()
     r = _load(recipe, {"data.root": str(data)} if data else None)
-    from data_contracts.contracts import validate_sources
+    from data_contracts.contracts import check_corpus
+    from training.base_model import MODELS_DIR, load_tokenizer
 
-    report, _ = validate_sources(r.data)
+    report, _, _ = check_corpus(r.data, load_tokenizer(r.model, MODELS_DIR))
     typer.echo(report.to_json() if as_json else report.table())
     raise typer.Exit(0 if report.ok else 1)
 
@@ -116,14 +121,14 @@ def train(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     from data_contracts.validate import validate_data
     from erpops.device import resolve_runtime
     from erpops.tracking import Tracker
-    from training.base_model import resolve_base_model
+    from training.base_model import MODELS_DIR, load_tokenizer, resolve_base_model
     from training.lora import train_lora
 
     run_dir = run_dir or r.output_root / f"{r.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracker = Tracker.start(_settings(mlflow_config), f"train-{run_dir.name}", {"recipe.hash": r.digest()})
     try:
-        data = validate_data(r.data, run_dir / "data", tracker)
-        base = resolve_base_model(r.model, Path(".erpops/models"))
+        data = validate_data(r.data, run_dir / "data", tracker, load_tokenizer(r.model, MODELS_DIR))
+        base = resolve_base_model(r.model, MODELS_DIR)
         result = train_lora(r, base, read_examples(data.train_path), run_dir, resolve_runtime(r.train.precision), tracker)
     except DataContractError as e:
         tracker.end("FAILED")
@@ -144,11 +149,11 @@ def optimize(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     from deployment.modelfile import write_modelfile
     from erpops.device import resolve_runtime
     from erpops.tracking import Tracker
-    from training.base_model import resolve_base_model
+    from training.base_model import MODELS_DIR, resolve_base_model
     from training.optimize import optimize_model
 
     tracker = Tracker.start(_settings(mlflow_config), f"optimize-{run_dir.name}", {"recipe.hash": r.digest()})
-    base = resolve_base_model(r.model, Path(".erpops/models"))
+    base = resolve_base_model(r.model, MODELS_DIR)
     evals = read_examples(run_dir / "data" / "eval.jsonl")[: r.gate.max_examples]
     result = optimize_model(r.optimize, base, run_dir / "adapter", evals, run_dir, resolve_runtime(r.train.precision), tracker)
     from transformers import AutoTokenizer

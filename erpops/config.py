@@ -44,6 +44,14 @@ class DataConfig(_Strict):
     """Salt of the id hash that assigns examples to train or eval; same seed, same split."""
     max_seq_len: int = Field(512, ge=16)
     """Longest formatted example in base-model tokens; longer ones are rejected by the contract."""
+    pii_policy: Literal["reject", "mask"] = "mask"
+    """Personal data (e-mail, phone, resident number, card number): reject the row, or mask it and log counts."""
+    lang_min_share: float = Field(0.5, ge=0, le=1)
+    """Least share of the declared language's script (Hangul for ko, Latin for en) among a row's letters."""
+    near_duplicate_threshold: float = Field(0.85, gt=0, le=1)
+    """Character-3-gram Jaccard similarity from which two training instructions are reported as near-duplicates."""
+    min_examples_per_module: int = Field(10, ge=0)
+    """Fewest training examples each ERP module must have (coverage)."""
 
 
 class TinyModelConfig(_Strict):

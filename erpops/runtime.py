@@ -27,7 +27,7 @@ def setup_process(home: Path = Path(".erpops")) -> None:
         os.environ.setdefault(k, v)
     os.environ.setdefault("HF_HOME", str((home / "hf").resolve()))
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
-    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store.db.utils", "great_expectations"):
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store.db.utils", "great_expectations", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

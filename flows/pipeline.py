@@ -29,7 +29,7 @@ from erpops.tracking import Tracker
 from evaluation.evaluate import evaluate_candidate
 from registry.promote import (champion_metrics, current_aliases, log_shipped_model, register_version,
                               restore_aliases, tag_version)
-from training.base_model import resolve_base_model
+from training.base_model import MODELS_DIR, load_tokenizer, resolve_base_model
 from training.lora import train_lora
 from training.optimize import optimize_model
 
@@ -84,13 +84,14 @@ def pipeline(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_config: 
 
 def _run_stages(recipe, settings, runtime, run_dir, tracker, summary, commit) -> None:
     with summary.stage("validate") as s:
-        data = validate_task(recipe.data, run_dir / "data", tracker)
+        tokenizer = load_tokenizer(recipe.model, MODELS_DIR)
+        data = validate_task(recipe.data, run_dir / "data", tracker, tokenizer)
         s.outputs = {"train": str(data.train_path), "eval": str(data.eval_path), "digest": data.digest,
                      "n_train": data.n_train, "n_eval": data.n_eval, "n_docs": len(data.docs)}
     eval_examples = read_examples(data.eval_path)
 
     with summary.stage("train") as s:
-        base = base_model_task(recipe.model, Path(".erpops/models"))
+        base = base_model_task(recipe.model, MODELS_DIR)
         trained = train_task(recipe, base, read_examples(data.train_path), run_dir, runtime, tracker)
         s.outputs = {"adapter": str(trained.adapter_dir), "first_loss": trained.first_loss,
                      "final_loss": trained.final_loss, "tokens_per_s": round(trained.tokens_per_s, 1)}

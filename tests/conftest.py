@@ -48,6 +48,13 @@ def make_corpus(root: Path, n_qa: int = 40, n_chat: int = 10) -> Path:
     return root
 
 
+def data_cfg(root: Path, **kw):
+    """DataConfig for a small test corpus (coverage minimum lowered to fit it)."""
+    from erpops.config import DataConfig
+
+    return DataConfig(root=root, **{"min_examples_per_module": 2, **kw})
+
+
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     return make_corpus(tmp_path / "erp")

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "recipes" / "tiny" / "test.yaml")
 HEAVY = ("torch", "transformers", "mlflow", "prefect", "great_expectations", "peft", "pymilvus", "sentence_transformers")
 
 
@@ -30,17 +31,17 @@ def test_validate_exits_1_with_file_line_rule_and_no_traceback(corpus):
     with open(bad, "a", encoding="utf-8") as f:
         f.write('{"id": "qa-999", "module": "crm", "lang": "en", "instruction": "Hi there", "response": "Hello there"}\n')
         f.write("not json\n")
-    proc = erpops("validate", "--data", str(corpus))
+    proc = erpops("validate", "--recipe", TINY, "--data", str(corpus))
     assert proc.returncode == 1
     assert "Traceback" not in proc.stdout + proc.stderr
     assert f"{bad}:41" in proc.stdout and "gx.enum.module" in proc.stdout
     assert f"{bad}:42" in proc.stdout and "json.parse" in proc.stdout
-    js = json.loads(erpops("validate", "--data", str(corpus), "--json").stdout)
+    js = json.loads(erpops("validate", "--recipe", TINY, "--data", str(corpus), "--json").stdout)
     assert not js["ok"] and {v["line"] for v in js["violations"]} == {41, 42}
 
 
 def test_validate_clean_data_exits_0(corpus):
-    proc = erpops("validate", "--data", str(corpus))
+    proc = erpops("validate", "--recipe", TINY, "--data", str(corpus))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all rules pass" in proc.stdout
 

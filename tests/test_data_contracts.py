@@ -7,14 +7,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, write_jsonl
+from conftest import REPO, data_cfg, write_jsonl
 from data_contracts.contracts import validate_sources
 from data_contracts.loaders import load_jsonl, load_markdown_docs
 from erpops.config import DataConfig
 
 
 def run(root: Path):
-    report, corpus = validate_sources(DataConfig(root=root))
+    report, corpus = validate_sources(data_cfg(root))
     return report, corpus
 
 

@@ -52,10 +52,10 @@ def test_lora_training_lowers_loss_changes_adapter_and_freezes_base(tiny_model_d
     from data_contracts.dataset import read_examples
     from data_contracts.validate import validate_data
     from training.lora import train_lora
-    from erpops.config import DataConfig
+    from conftest import data_cfg
     from safetensors.torch import load_file
 
-    data = validate_data(DataConfig(root=corpus), tmp_path / "data")
+    data = validate_data(data_cfg(corpus), tmp_path / "data")
     recipe = Recipe.model_validate({"name": "t", "model": {"source": "tiny"},
                                     "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
                                     "train": {"max_steps": 12, "batch_size": 8, "learning_rate": 1e-2, "warmup_steps": 1,
@@ -76,10 +76,10 @@ def test_lora_training_lowers_loss_changes_adapter_and_freezes_base(tiny_model_d
 def test_same_seed_same_loss_curve(tiny_model_dir, corpus, tmp_path):
     from data_contracts.dataset import read_examples
     from data_contracts.validate import validate_data
-    from erpops.config import DataConfig
+    from conftest import data_cfg
     from training.lora import train_lora
 
-    data = validate_data(DataConfig(root=corpus), tmp_path / "data")
+    data = validate_data(data_cfg(corpus), tmp_path / "data")
     recipe = Recipe.model_validate({"name": "t", "model": {"source": "tiny"},
                                     "train": {"max_steps": 3, "batch_size": 4, "precision": "fp32"}})
     examples = read_examples(data.train_path)

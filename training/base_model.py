@@ -16,6 +16,8 @@ from erpops.config import ModelConfig
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODELS_DIR = Path(".erpops/models")
+"""Project-local cache of resolved base models and tokenizers."""
 
 
 def smollm2_gguf_path() -> Path:
@@ -112,3 +114,20 @@ def resolve_base_model(cfg: ModelConfig, cache_dir: Path) -> Path | str:
     if not (tiny / "config.json").is_file():
         build_tiny_model(tiny, tok, t)
     return tiny
+
+
+def resolve_tokenizer(cfg: ModelConfig, cache_dir: Path) -> Path | str:
+    """The base model's tokenizer alone (seconds): what data contracts measure lengths with."""
+    if cfg.source == "path":
+        return cfg.path  # type: ignore[return-value]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tok = cache_dir / "smollm2-tokenizer"
+    if not (tok / "tokenizer_config.json").is_file():
+        extract_smollm2_tokenizer(tok)
+    return tok
+
+
+def load_tokenizer(cfg: ModelConfig, cache_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_tokenizer(cfg, cache_dir))

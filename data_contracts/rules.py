@@ -1,0 +1,221 @@
+"""Corpus-level rules beside the GX suites: personal data, language/script, duplicates, leakage,
+coverage and token length. Each returns Violations (file, line, rule) like every other check.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from data_contracts.report import Violation
+
+# --- personal data -------------------------------------------------------------------------------
+
+EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+# Korean resident registration number: YYMMDD-GNNNNNN, G in 1-8 (1-4 citizens, 5-8 foreigners)
+RRN = re.compile(r"(?<!\d)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])[- ]?[1-8]\d{6}(?!\d)")
+# Korean mobile / area-code numbers and international numbers with a leading +
+PHONE = re.compile(
+    r"(?<![\d-])(?:"
+    r"01[016789][- .]?\d{3,4}[- .]?\d{4}"
+    r"|0(?:2|[3-6][1-5]|70)[- .)]?\d{3,4}[- .]?\d{4}"
+    r"|\+\d{1,3}[- .]?(?:\(?\d{1,4}\)?[- .]?){2,4}\d{2,4}"
+    r")(?![\d-])"
+)
+CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
+
+PII_KINDS = ("email", "rrn", "card", "phone")
+MASKS = {"email": "[EMAIL]", "rrn": "[RRN]", "card": "[CARD]", "phone": "[PHONE]"}
+
+
+def luhn_ok(digits: str) -> bool:
+    total, parity = 0, len(digits) % 2
+    for i, ch in enumerate(digits):
+        d = int(ch)
+        if i % 2 == parity:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def find_pii(text: str) -> list[tuple[str, int, int]]:
+    """(kind, start, end) of every personal-data match, most specific kinds first, no overlaps."""
+    found: list[tuple[str, int, int]] = []
+    taken: list[tuple[int, int]] = []
+
+    def free(s: int, e: int) -> bool:
+        return all(e <= a or s >= b for a, b in taken)
+
+    for kind, pattern in (("email", EMAIL), ("rrn", RRN), ("card", CARD), ("phone", PHONE)):
+        for m in pattern.finditer(text):
+            if not free(m.start(), m.end()):
+                continue
+            if kind == "card":
+                digits = re.sub(r"\D", "", m.group())
+                if not (13 <= len(digits) <= 19 and luhn_ok(digits)):
+                    continue
+            found.append((kind, m.start(), m.end()))
+            taken.append((m.start(), m.end()))
+    return sorted(found, key=lambda f: f[1])
+
+
+def mask_pii(text: str) -> tuple[str, Counter]:
+    counts: Counter = Counter()
+    out, last = [], 0
+    for kind, s, e in find_pii(text):
+        out.append(text[last:s])
+        out.append(MASKS[kind])
+        counts[kind] += 1
+        last = e
+    out.append(text[last:])
+    return "".join(out), counts
+
+
+# --- language / script ---------------------------------------------------------------------------
+
+
+def hangul_share(text: str) -> float | None:
+    """Hangul letters / (Hangul + Latin letters); None when the text has neither."""
+    hangul = latin = 0
+    for ch in text:
+        if "\uac00" <= ch <= "\ud7a3" or "\u1100" <= ch <= "\u11ff" or "\u3130" <= ch <= "\u318f":
+            hangul += 1
+        elif ch.isascii() and ch.isalpha():
+            latin += 1
+    total = hangul + latin
+    return hangul / total if total else None
+
+
+def lang_agrees(lang: str, text: str, min_share: float) -> tuple[bool, float | None]:
+    share = hangul_share(text)
+    if share is None:
+        return True, None
+    if lang == "ko":
+        return share >= min_share, share
+    return (1 - share) >= min_share, share
+
+
+# --- duplicates and leakage ----------------------------------------------------------------------
+
+
+def normalize(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).lower()
+    return re.sub(r"[\W_]+", " ", text).strip()
+
+
+def shingles(text: str, k: int = 3) -> set[str]:
+    t = normalize(text).replace(" ", "")
+    return {t[i:i + k] for i in range(max(1, len(t) - k + 1))} if t else set()
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def near_duplicate_pairs(texts: list[str], threshold: float, bands: int = 16, rows: int = 2) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, similarity) with character-3-gram Jaccard >= threshold, found by MinHash LSH
+    (candidates share a band), then confirmed exactly. Linear in the number of texts."""
+    import zlib
+
+    import numpy as np
+
+    n_hash = bands * rows
+    rng = np.random.default_rng(1234)
+    prime = np.uint64((1 << 61) - 1)
+    a = rng.integers(1, 1 << 31, n_hash, dtype=np.uint64)
+    b = rng.integers(0, 1 << 31, n_hash, dtype=np.uint64)
+    sets = [shingles(t) for t in texts]
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, s in enumerate(sets):
+        if not s:
+            continue
+        h = np.fromiter((zlib.crc32(x.encode()) for x in s), dtype=np.uint64, count=len(s))
+        sig = ((h[:, None] * a[None, :] + b[None, :]) % prime).min(axis=0)
+        for band in range(bands):
+            buckets[(band, *sig[band * rows:(band + 1) * rows].tolist())].append(i)
+    candidates = set()
+    for members in buckets.values():
+        if 1 < len(members) <= 50:  # huge buckets are boilerplate; exact duplicates are caught separately
+            candidates.update((members[x], members[y]) for x in range(len(members)) for y in range(x + 1, len(members)))
+    pairs = []
+    for i, j in sorted(candidates):
+        sim = jaccard(sets[i], sets[j])
+        if sim >= threshold:
+            pairs.append((i, j, sim))
+    return pairs
+
+
+@dataclass
+class Located:
+    """An example with where it came from."""
+
+    file: str
+    line: int
+    example: dict
+    extra: dict = field(default_factory=dict)
+
+
+def first_user_text(example: dict) -> str:
+    return next((m["content"] for m in example["messages"] if m["role"] == "user"), "")
+
+
+def duplicate_violations(train: list[Located], threshold: float) -> list[Violation]:
+    """Exact (after normalisation) and near-duplicate instructions within the training set: warnings."""
+    out = []
+    seen: dict[str, Located] = {}
+    texts = [first_user_text(x.example) for x in train]
+    for x, text in zip(train, texts):
+        key = normalize(text)
+        if key in seen:
+            first = seen[key]
+            out.append(Violation("duplicate.exact", x.file, x.line,
+                                 f"instruction repeats {first.example['id']} ({first.file}:{first.line})", "warning"))
+        else:
+            seen[key] = x
+    for i, j, sim in near_duplicate_pairs(texts, threshold):
+        if normalize(texts[i]) == normalize(texts[j]):
+            continue
+        out.append(Violation("duplicate.near", train[j].file, train[j].line,
+                             f"instruction is {sim:.0%} similar to {train[i].example['id']} ({train[i].file}:{train[i].line})",
+                             "warning"))
+    return out
+
+
+def leakage_violations(train: list[Located], evals: list[Located]) -> list[Violation]:
+    """An eval example whose instruction or answer also appears in training data is leakage: an error."""
+    by_instruction = {normalize(first_user_text(x.example)): x for x in train}
+    by_answer = {normalize(x.example["messages"][-1]["content"]): x for x in train}
+    out = []
+    for e in evals:
+        for what, index, text in (("instruction", by_instruction, first_user_text(e.example)),
+                                  ("answer", by_answer, e.example["messages"][-1]["content"])):
+            hit = index.get(normalize(text))
+            if hit is not None and normalize(text):
+                out.append(Violation("leakage.train_eval", e.file, e.line,
+                                     f"eval example {e.example['id']} has the same {what} as training example "
+                                     f"{hit.example['id']} ({hit.file}:{hit.line})"))
+                break
+    return out
+
+
+def coverage_violations(train: list[Located], minimum: int, modules: tuple[str, ...], file: str) -> list[Violation]:
+    counts = Counter(x.example["module"] for x in train)
+    return [Violation("coverage.module", file, None, f"module {m!r} has {counts.get(m, 0)} training examples, fewer than {minimum}")
+            for m in modules if counts.get(m, 0) < minimum]
+
+
+def length_violations(examples: list[Located], tokenizer, max_seq_len: int) -> list[Violation]:
+    """Every formatted example must fit max_seq_len base-model tokens; says how many would be cut."""
+    out = []
+    for x in examples:
+        text = tokenizer.apply_chat_template(x.example["messages"], tokenize=False)
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])  # as training encodes it
+        if n > max_seq_len:
+            out.append(Violation("length.tokens", x.file, x.line,
+                                 f"{x.example['id']}: {n} tokens after chat formatting, over max_seq_len {max_seq_len} "
+                                 f"({n - max_seq_len} would be truncated)"))
+    return out
