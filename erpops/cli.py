@@ -110,8 +110,12 @@ def validate(recipe: str = RecipeOpt,
 
 @app.command()
 def train(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
-          run_dir: Optional[Path] = typer.Option(None, help="Output folder (default: a new one under the recipe's output_root).")):
-    """Validate the data, then LoRA-train the base model; logs an MLflow run and writes <run-dir>/adapter."""
+          run_dir: Optional[Path] = typer.Option(None, help="Output folder (default: a new one under the recipe's output_root)."),
+          resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --run-dir (default: the latest run folder).")):
+    """Validate the data, then LoRA-train the base model; logs an MLflow run and writes <run-dir>/adapter.
+
+    Checkpoints go to <run-dir>/checkpoints every train.checkpoint_every steps; after a crash or a kill,
+    `erpops train --resume` continues from the newest one."""
     import time
 
     _setup()
@@ -124,12 +128,15 @@ def train(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     from training.base_model import MODELS_DIR, load_tokenizer, resolve_base_model
     from training.lora import train_lora
 
+    if resume and run_dir is None:
+        run_dir = _latest_run_dir(r)
     run_dir = run_dir or r.output_root / f"{r.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracker = Tracker.start(_settings(mlflow_config), f"train-{run_dir.name}", {"recipe.hash": r.digest()})
     try:
         data = validate_data(r.data, run_dir / "data", tracker, load_tokenizer(r.model, MODELS_DIR))
         base = resolve_base_model(r.model, MODELS_DIR)
-        result = train_lora(r, base, read_examples(data.train_path), run_dir, resolve_runtime(r.train.precision), tracker)
+        result = train_lora(r, base, read_examples(data.train_path), run_dir, resolve_runtime(r.train.precision), tracker,
+                            resume=resume)
     except DataContractError as e:
         tracker.end("FAILED")
         _fail(str(e))

@@ -93,6 +93,8 @@ class LoraConfig(_Strict):
     """Dropout on the LoRA branch."""
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     """Linear layers that get adapters."""
+    qlora: bool = False
+    """QLoRA: hold the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); merging still uses the full-precision base."""
 
 
 class TrainConfig(_Strict):
@@ -112,6 +114,12 @@ class TrainConfig(_Strict):
     """Seed of initialisation and data order."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute precision; auto picks bf16 where the device supports it fast, else fp32."""
+    checkpoint_every: int = Field(10, ge=0)
+    """Save a resumable checkpoint every N steps (0: never)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Newest checkpoints kept on disk."""
+    packing: bool = True
+    """Padding-free batches: examples packed into rows of up to data.max_seq_len tokens (block-diagonal attention)."""
 
 
 class OptimizeConfig(_Strict):

@@ -92,7 +92,8 @@ def _run_stages(recipe, settings, runtime, run_dir, tracker, summary, commit) ->
 
     with summary.stage("train") as s:
         base = base_model_task(recipe.model, MODELS_DIR)
-        trained = train_task(recipe, base, read_examples(data.train_path), run_dir, runtime, tracker)
+        # a rerun under the same run name continues from the newest checkpoint of that run folder
+        trained = train_task(recipe, base, read_examples(data.train_path), run_dir, runtime, tracker, resume=True)
         s.outputs = {"adapter": str(trained.adapter_dir), "first_loss": trained.first_loss,
                      "final_loss": trained.final_loss, "tokens_per_s": round(trained.tokens_per_s, 1)}
 

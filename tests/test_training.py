@@ -134,3 +134,100 @@ def test_response_nll_matches_a_plain_full_logits_computation(tiny_model_dir, to
         expected = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
         assert n == int((labels != IGNORE_INDEX).sum())
         assert math.isclose(nll, expected, rel_tol=1e-4)
+
+
+def test_packed_batches_give_the_same_loss_as_padded_ones(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from training.data import pack_batch, pad_batch
+    from training.lora import assistant_token_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    mid = [{"role": "user", "content": "재고 실사는 언제 하나요?"}, {"role": "assistant", "content": "매월 말일에 합니다."}]
+    batch = [encode_example(tokenizer, m) for m in (CONVO, short, mid, short)]
+    packed = pack_batch(batch, tokenizer.pad_token_id, max_len=256)
+    assert packed["input_ids"].shape[0] < len(batch)  # several examples share a row
+    assert "attention_mask" not in packed
+    with torch.no_grad():
+        a = assistant_token_loss(model, **pad_batch(batch, tokenizer.pad_token_id))
+        b = assistant_token_loss(model, **packed)
+    assert torch.allclose(a, b, atol=1e-4)
+    # the labels of a packed batch are exactly the assistant tokens of its examples
+    assert int((packed["labels"] != IGNORE_INDEX).sum()) == sum(sum(l != IGNORE_INDEX for l in e.labels) for e in batch)
+
+
+def test_pack_rows_respects_the_row_budget():
+    from training.data import pack_rows
+
+    rows = pack_rows([300, 200, 100, 250, 50, 90], max_len=512)
+    lengths = [300, 200, 100, 250, 50, 90]
+    assert sorted(i for r in rows for i in r) == list(range(6))
+    assert all(sum(lengths[i] for i in r) <= 512 for r in rows) and len(rows) == 2
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_same_final_loss(tmp_path, corpus):
+    """Kill `erpops train` (SIGKILL) after a checkpoint, resume it, compare with an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((REPO / "recipes" / "tiny" / "test.yaml").read_text()
+                      .replace("root: data/erp", f"root: {corpus}")
+                      .replace("max_steps: 8", "max_steps: 40\n  checkpoint_every: 5"))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+
+    def train(run_dir, *extra):
+        return [sys.executable, "-m", "erpops.cli", "train", "--recipe", str(recipe), "--run-dir", str(run_dir), *extra]
+
+    full = subprocess.run(train(tmp_path / "full"), capture_output=True, text=True, env=env, cwd=REPO)
+    assert full.returncode == 0, full.stderr[-2000:]
+    expected = json.loads(full.stdout)
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(train(killed_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+    deadline = time.time() + 300
+    while not (killed_dir / "checkpoints" / "step-10").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "adapter").exists()  # it really died mid-run
+
+    resumed = subprocess.run(train(killed_dir, "--resume"), capture_output=True, text=True, env=env, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = json.loads(resumed.stdout)
+    assert "resuming from step-" in resumed.stderr
+    # same data order, RNG and optimizer state: the final loss matches within float noise
+    assert abs(got["final_loss"] - expected["final_loss"]) < 1e-4
+    assert abs(got["first_loss"] - expected["first_loss"]) < 1e-6
+
+
+def test_qlora_refuses_cpu_with_a_clear_message(tiny_model_dir):
+    from erpops.config import LoraConfig
+    from training.lora import load_for_training
+
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        load_for_training(tiny_model_dir, LoraConfig(qlora=True), Runtime("cpu", "float32"))
+
+
+@pytest.mark.gpu
+def test_gpu_training_in_bf16_and_qlora(tiny_model_dir, corpus, tmp_path):
+    from conftest import data_cfg
+    from data_contracts.dataset import read_examples
+    from data_contracts.validate import validate_data
+    from training.lora import train_lora
+
+    data = validate_data(data_cfg(corpus), tmp_path / "data")
+    examples = read_examples(data.train_path)
+    for qlora in (False, True):
+        recipe = Recipe.model_validate({"name": "g", "model": {"source": "tiny"}, "lora": {"qlora": qlora},
+                                        "train": {"max_steps": 6, "batch_size": 8, "learning_rate": 1e-2, "precision": "bf16"}})
+        r = train_lora(recipe, tiny_model_dir, examples, tmp_path / f"q{qlora}", Runtime("cuda", "bfloat16"))
+        assert r.final_loss < r.first_loss

@@ -68,3 +68,45 @@ def pad_batch(batch: list[Encoded], pad_id: int):
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
+    """First-fit decreasing: indices of examples grouped into rows of at most max_len tokens.
+    An example longer than max_len gets a row of its own (the data contract keeps them out)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max_len - lengths[i])
+    return rows
+
+
+def pack_batch(batch: list[Encoded], pad_id: int, max_len: int):
+    """Padding-free batch: examples concatenated into rows of up to max_len tokens, position_ids
+    restarting at each example. With no attention_mask, transformers builds a block-diagonal mask
+    from the position_ids, so examples in a row never see each other. The few pad tokens left at row
+    ends get position 0 (each its own one-token sequence) and no label."""
+    import torch
+
+    rows = pack_rows([len(e.input_ids) for e in batch], max_len)
+    width = max(sum(len(batch[i].input_ids) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = len(batch[i].input_ids)
+            ids[r, at:at + n] = torch.tensor(batch[i].input_ids)
+            lab = torch.tensor(batch[i].labels)
+            lab[0] = IGNORE_INDEX  # the first token of an example is never predicted from the previous one
+            labels[r, at:at + n] = lab
+            pos[r, at:at + n] = torch.arange(n)
+            at += n
+    return {"input_ids": ids, "position_ids": pos, "labels": labels}

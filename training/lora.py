@@ -21,7 +21,7 @@ import yaml
 from erpops.config import LoraConfig, Recipe, TrainConfig
 from erpops.device import Runtime
 from erpops.tracking import Tracker
-from training.data import Encoded, encode_example, pad_batch
+from training.data import Encoded, encode_example, pack_batch, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,18 @@ def load_for_training(base: Path | str, lora: LoraConfig, runtime: Runtime):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(runtime.device)
+    if lora.qlora:
+        if runtime.device != "cuda":
+            raise ValueError("lora.qlora needs a CUDA GPU (bitsandbytes 4-bit); use plain LoRA on CPU")
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=runtime.torch_dtype())
+        model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map={"": 0})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(runtime.device)
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, peft_cfg), tokenizer
@@ -80,14 +91,15 @@ def batches(examples: list[Encoded], batch_size: int, steps: int, seed: int, win
         yield pending.pop()
 
 
-def labelled_logits(model, input_ids, attention_mask, labels):
+def labelled_logits(model, input_ids, labels, attention_mask=None, position_ids=None):
     """Logits and targets at the labelled (assistant) positions only.
 
     The vocabulary projection runs only where a target exists: the (batch x length x vocab) logits of
     prompt and padding positions, most of a chat batch, are never materialised.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = inner.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = inner.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != -100
     logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
@@ -97,11 +109,11 @@ def labelled_logits(model, input_ids, attention_mask, labels):
     return logits.float(), targets[keep], keep
 
 
-def assistant_token_loss(model, input_ids, attention_mask, labels):
+def assistant_token_loss(model, input_ids, labels, attention_mask=None, position_ids=None):
     """Mean cross-entropy over assistant tokens: the model's own loss, computed without wasted logits."""
     import torch.nn.functional as F
 
-    logits, targets, _ = labelled_logits(model, input_ids, attention_mask, labels)
+    logits, targets, _ = labelled_logits(model, input_ids, labels, attention_mask, position_ids)
     return F.cross_entropy(logits, targets)
 
 
@@ -120,7 +132,9 @@ def train_lora(
     out_dir: Path,
     runtime: Runtime,
     tracker: Tracker | None = None,
+    resume: bool = False,
 ) -> TrainResult:
+    """Train LoRA adapters; with `resume`, continue from the newest checkpoint in out_dir/checkpoints."""
     import torch
 
     cfg = recipe.train
@@ -145,19 +159,62 @@ def train_lora(
     model.train()
     losses: list[float] = []
     real_tokens = 0
+    done = 0
+    ckpt_root = out_dir / "checkpoints"
+    if resume and (latest := latest_checkpoint(ckpt_root)) is not None:
+        done, losses, real_tokens = load_checkpoint(latest, model, optimizer)
+        log.info("resuming from %s: %d/%d steps done", latest.name, done, cfg.max_steps)
+        if tracker:
+            tracker.set_tags({"train.resumed_from_step": done})
+    monitor = None
+    if tracker:  # CPU, memory (and GPU when present) sampled into the run as system/* metrics
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=5, tracking_uri=tracker.tracking_uri)
+        monitor.start()
+    try:
+        losses, real_tokens, wall = _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, tracker,
+                                          ckpt_root, done, losses, real_tokens)
+    finally:
+        if monitor:
+            monitor.finish()
+
+    adapter_dir = out_dir / "adapter"
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    (adapter_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), allow_unicode=True, sort_keys=False))
+    result = TrainResult(adapter_dir, len(losses), losses[0], sum(losses[-5:]) / len(losses[-5:]),
+                         real_tokens / max(wall, 1e-9), wall)
+    if tracker:
+        tracker.log_metrics({"train/first_loss": result.first_loss, "train/final_loss": result.final_loss,
+                             "train/mean_tokens_per_s": result.tokens_per_s, "train/wall_s": wall})
+        tracker.log_artifact(adapter_dir, "adapter")
+        _log_loss_curve(tracker, losses, out_dir)
+    return result
+
+
+def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, tracker, ckpt_root, done, losses, real_tokens):
+    """The optimisation steps from `done` to max_steps; returns (losses, real_tokens, wall seconds)."""
+    import torch
+
+    cfg = recipe.train
     start = time.perf_counter()
     for step, batch in enumerate(batches(encoded, cfg.batch_size, cfg.max_steps, cfg.seed)):
+        if step < done:  # replay the seeded data order up to the checkpoint, without computing
+            continue
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        inputs = {k: v.to(runtime.device) for k, v in pad_batch(batch, tokenizer.pad_token_id).items()}
+        collated = (pack_batch(batch, tokenizer.pad_token_id, recipe.data.max_seq_len) if cfg.packing
+                    else pad_batch(batch, tokenizer.pad_token_id))
+        inputs = {k: v.to(runtime.device) for k, v in collated.items()}
         with torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast):
             loss = assistant_token_loss(model, **inputs)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        n_tokens = int(inputs["attention_mask"].sum())
+        n_tokens = sum(len(e.input_ids) for e in batch)
         real_tokens += n_tokens
         value = loss.item()
         if not math.isfinite(value):
@@ -170,20 +227,59 @@ def train_lora(
             tracker.log_metric("train/tokens_per_s", n_tokens / (time.perf_counter() - t0), step)
         if step % 5 == 0 or step == cfg.max_steps - 1:
             log.info("step %d/%d loss %.4f lr %.2e", step + 1, cfg.max_steps, value, lr_at(step, cfg))
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
+            save_checkpoint(ckpt_root, step + 1, model, optimizer, losses, real_tokens, cfg.keep_checkpoints)
+            if tracker:
+                tracker.flush()
     wall = time.perf_counter() - start
+    return losses, real_tokens, wall
 
-    adapter_dir = out_dir / "adapter"
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    (adapter_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), allow_unicode=True, sort_keys=False))
-    result = TrainResult(adapter_dir, len(losses), losses[0], sum(losses[-5:]) / len(losses[-5:]),
-                         real_tokens / wall, wall)
-    if tracker:
-        tracker.log_metrics({"train/first_loss": result.first_loss, "train/final_loss": result.final_loss,
-                             "train/mean_tokens_per_s": result.tokens_per_s, "train/wall_s": wall})
-        tracker.log_artifact(adapter_dir, "adapter")
-        _log_loss_curve(tracker, losses, out_dir)
-    return result
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint (a folder is renamed into place only once fully written)."""
+    found = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if root.is_dir() else []
+    return found[-1] if found else None
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, losses: list[float], real_tokens: int, keep: int) -> Path:
+    """Adapter weights, optimizer state, RNG states and the loss history; written atomically."""
+    import json
+    import shutil
+
+    import numpy as np
+    import torch
+    from peft import get_peft_model_state_dict
+
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
+               tmp / "state.pt")
+    (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses, "real_tokens": real_tokens}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer) -> tuple[int, list[float], int]:
+    import json
+
+    import numpy as np
+    import torch
+    from peft import set_peft_model_state_dict
+
+    state = torch.load(path / "state.pt", weights_only=False)
+    set_peft_model_state_dict(model, state["adapter"])
+    optimizer.load_state_dict(state["optimizer"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    progress = json.loads((path / "progress.json").read_text())
+    return progress["step"], progress["losses"], progress["real_tokens"]
 
 
 def _log_loss_curve(tracker: Tracker, losses: list[float], out_dir: Path) -> None:

@@ -1,0 +1,155 @@
+"""Benchmark: erpops' training stage against the plain Hugging Face recipe, same model, data and
+hyperparameters.
+
+    .venv/bin/python bench/train_throughput.py                 # SmolLM2-135M, 10 steps each
+    .venv/bin/python bench/train_throughput.py --steps 20 --model tiny
+
+(a) baseline: `transformers.Trainer` + peft LoRA, batches padded to the longest, the model's own loss;
+(b) erpops: training.lora.train_lora (packed padding-free rows, vocabulary projection only at
+    assistant positions, length-grouped batches).
+Both use the recipe's LoRA settings, batch size, learning rate, warm-up, seed and precision. Tokens/s
+counts real (non-pad) tokens. Each variant runs in its own process so peak memory is its own.
+Prints a table and, as its last line, name=value pairs. On a GPU it also prints MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _setup(args):
+    from data_contracts.dataset import read_examples
+    from data_contracts.validate import validate_data
+    from erpops.config import load_recipe
+    from erpops.device import resolve_runtime
+    from erpops.runtime import setup_process
+    from training.base_model import MODELS_DIR, resolve_base_model
+
+    setup_process()
+    overrides = {"train.max_steps": args.steps}
+    if args.model == "tiny":
+        overrides["model.source"] = "tiny"
+    recipe = load_recipe(REPO / args.recipe, overrides)
+    out = Path(args.out)
+    data = validate_data(recipe.data, out / "data")
+    base = resolve_base_model(recipe.model, REPO / MODELS_DIR)
+    return recipe, base, read_examples(data.train_path), resolve_runtime(recipe.train.precision), out
+
+
+def run_baseline(args) -> dict:
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from training.data import encode_example
+    from training.lora import load_for_training
+
+    recipe, base, examples, runtime, out = _setup(args)
+    cfg = recipe.train
+    model, tokenizer = load_for_training(base, recipe.lora, runtime)
+    rows = [encode_example(tokenizer, e["messages"]) for e in examples]
+    dataset = [{"input_ids": r.input_ids, "labels": r.labels} for r in rows]
+    collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+    per_batch: list[int] = []  # the loader fetches one batch ahead: count only the ones trained on
+    clock: dict[str, float] = {}
+
+    def counting_collate(features):
+        batch = collate(features)
+        per_batch.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    class Clock(TrainerCallback):  # time the steps, not Trainer's set-up
+        def on_step_begin(self, args, state, control, **kw):
+            clock.setdefault("start", time.perf_counter())
+
+        def on_train_end(self, args, state, control, **kw):
+            clock["end"] = time.perf_counter()
+
+    targs = TrainingArguments(
+        output_dir=str(out / "baseline"), per_device_train_batch_size=cfg.batch_size, max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear",
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=runtime.device == "cpu", bf16=runtime.autocast,
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
+    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=counting_collate, callbacks=[Clock()])
+    trainer.train()
+    wall = clock["end"] - clock["start"]
+    tokens = sum(per_batch[: cfg.max_steps])
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"tokens_per_s": tokens / wall, "wall_s": wall, "real_tokens": tokens,
+            "first_loss": losses[0], "last_loss": losses[-1], "params": sum(p.numel() for p in model.parameters())}
+
+
+def run_erpops(args) -> dict:
+    from training.lora import train_lora
+
+    recipe, base, examples, runtime, out = _setup(args)
+    recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"checkpoint_every": 0})})
+    r = train_lora(recipe, base, examples, out / "erpops", runtime)
+    return {"tokens_per_s": r.tokens_per_s, "wall_s": r.wall_s, "real_tokens": round(r.tokens_per_s * r.wall_s),
+            "first_loss": r.first_loss, "last_loss": r.final_loss}
+
+
+def peak_flops(device: str) -> float | None:
+    import torch
+
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name(0)
+    table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4000 Ada": 26.7e12}
+    return next((v for k, v in table.items() if k in name), None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", default="recipes/smollm2-135m/cpu.yaml")
+    ap.add_argument("--model", choices=["recipe", "tiny"], default="recipe")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", default=str(REPO / ".erpops" / "bench" / "train"))
+    ap.add_argument("--variant", choices=["baseline", "erpops"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.variant:
+        result = (run_baseline if args.variant == "baseline" else run_erpops)(args)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print("RESULT " + json.dumps(result))
+        return
+
+    results = {}
+    for variant in ("baseline", "erpops"):
+        cmd = [sys.executable, __file__, "--variant", variant, "--recipe", args.recipe, "--model", args.model,
+               "--steps", str(args.steps), "--out", args.out]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+        results[variant] = json.loads(line[7:])
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = peak_flops(device)
+    print(f"{'variant':<10}{'tok/s':>10}{'wall s':>9}{'real tokens':>13}{'first loss':>12}{'last loss':>11}{'peak RSS MB':>13}")
+    for name, r in results.items():
+        print(f"{name:<10}{r['tokens_per_s']:>10.1f}{r['wall_s']:>9.1f}{r['real_tokens']:>13}{r['first_loss']:>12.3f}"
+              f"{r['last_loss']:>11.3f}{r['peak_rss_mb']:>13.0f}")
+    ratio = results["erpops"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
+    pairs = (f"ratio={ratio:.2f} baseline_tokens_per_s={results['baseline']['tokens_per_s']:.1f} "
+             f"erpops_tokens_per_s={results['erpops']['tokens_per_s']:.1f} "
+             f"baseline_peak_rss_mb={results['baseline']['peak_rss_mb']:.0f} erpops_peak_rss_mb={results['erpops']['peak_rss_mb']:.0f}")
+    if peak and results["baseline"].get("params"):
+        n = results["baseline"]["params"]
+        for name, r in results.items():
+            pairs += f" {name}_mfu={r['tokens_per_s'] * 4 * n / peak:.4f}"
+    print(pairs)
+
+
+if __name__ == "__main__":
+    main()
