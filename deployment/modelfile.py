@@ -15,10 +15,14 @@ CHATML_TEMPLATE = (
     "{{ .Content }}<|im_end|>\n"
     "{{ end }}<|im_start|>assistant\n"
 )
+# Gemma folds a system message into the first user turn (as its HF template does)
 GEMMA_TEMPLATE = (
-    "{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n"
-    "{{ .Content }}<end_of_turn>\n"
-    "{{ end }}<start_of_turn>model\n"
+    "{{- $system := \"\" }}{{- $first := true }}"
+    "{{- range .Messages }}"
+    "{{- if eq .Role \"system\" }}{{- $system = .Content }}"
+    "{{- else }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n"
+    "{{ if and $first $system }}{{ $system }}\n\n{{ end }}{{ .Content }}<end_of_turn>{{ $first = false }}\n"
+    "{{ end }}{{ end }}<start_of_turn>model\n"
 )
 
 
@@ -59,7 +63,7 @@ def modelfile_spec(tokenizer, parameters: dict | None = None) -> ModelfileSpec:
         return ModelfileSpec(CHATML_TEMPLATE, default_system_prompt(tokenizer, "<|im_start|>", "<|im_end|>"),
                              ("<|im_end|>", "<|im_start|>"), params)
     if "<start_of_turn>" in template:
-        return ModelfileSpec(GEMMA_TEMPLATE, None, ("<end_of_turn>",), params)
+        return ModelfileSpec(GEMMA_TEMPLATE, None, ("<end_of_turn>", "<start_of_turn>"), params)
     raise ValueError("unsupported chat template (neither ChatML nor Gemma): cannot derive an Ollama TEMPLATE")
 
 

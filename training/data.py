@@ -54,6 +54,17 @@ def prompt_text(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids that end an assistant turn: the eos token and the template's end-of-turn token
+    (`<end_of_turn>` for Gemma, whose eos is `<eos>`)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for token in ("<end_of_turn>", "<|im_end|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
 def pad_batch(batch: list[Encoded], pad_id: int):
     """Right-padded tensors: input_ids, attention_mask, labels (pad positions ignored)."""
     import torch

@@ -190,5 +190,6 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
                                      f"optimize/{v.name}/sparsity": v.sparsity})
         tracker.set_tags({"optimize.int8_backend_resolved": backend})
         tracker.log_artifact(out_dir / "optimize.json", "optimize")
+        tracker.log_artifact(merged_dir, "merged_model")  # plain HF folder: from_pretrained loads it as is
         tracker.log_text(result.table(), "optimize/variants.txt")
     return result
