@@ -153,7 +153,6 @@ def optimize(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     r = _load(recipe)
     run_dir = run_dir or _latest_run_dir(r)
     from data_contracts.dataset import read_examples
-    from deployment.modelfile import write_modelfile
     from erpops.device import resolve_runtime
     from erpops.tracking import Tracker
     from training.base_model import MODELS_DIR, resolve_base_model
@@ -163,9 +162,6 @@ def optimize(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     base = resolve_base_model(r.model, MODELS_DIR)
     evals = read_examples(run_dir / "data" / "eval.jsonl")[: r.gate.max_examples]
     result = optimize_model(r.optimize, base, run_dir / "adapter", evals, run_dir, resolve_runtime(r.train.precision), tracker)
-    from transformers import AutoTokenizer
-
-    write_modelfile(AutoTokenizer.from_pretrained(result.merged_dir), result.gguf[r.optimize.ship].path)
     tracker.end()
     typer.echo(result.table())
 

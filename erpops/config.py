@@ -127,6 +127,8 @@ class OptimizeConfig(_Strict):
     """Unstructured pruning of decoder Linear layers; magnitude is L1, per layer."""
     prune_amount: float = Field(0.3, ge=0, lt=1)
     """Share of weights zeroed in each pruned layer."""
+    max_prune_ppl_ratio: float = Field(1.10, gt=0)
+    """Pruning is kept only if perplexity(pruned) / perplexity(merged) stays at or below this; else the unpruned model ships."""
     int8_backend: Literal["auto", "torchao", "quanto", "bitsandbytes"] = "auto"
     """Int8 weight quantization backend; auto: bitsandbytes on CUDA, torchao on CPU (fastest there)."""
     gguf_types: list[Literal["f16", "q8_0"]] = ["f16", "q8_0"]

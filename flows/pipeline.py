@@ -20,7 +20,6 @@ from data_contracts.dataset import read_examples
 from data_contracts.validate import validate_data
 from deployment.deploy import deploy_model, revert_knowledge_base
 from deployment.vector_store import deploy_knowledge_base
-from deployment.modelfile import write_modelfile
 from erpops.config import load_mlflow_settings, load_recipe
 from erpops.device import resolve_runtime
 from erpops.runtime import git_commit, setup_process
@@ -100,11 +99,9 @@ def _run_stages(recipe, settings, runtime, run_dir, tracker, summary, commit) ->
     with summary.stage("optimize") as s:
         opt = optimize_task(recipe.optimize, base, trained.adapter_dir, eval_examples[: recipe.gate.max_examples],
                             run_dir, runtime, tracker)
-        shipped = opt.gguf[recipe.optimize.ship]
-        from transformers import AutoTokenizer
-
-        modelfile, spec = write_modelfile(AutoTokenizer.from_pretrained(opt.merged_dir), shipped.path)
+        shipped, modelfile, spec = opt.gguf[recipe.optimize.ship], opt.modelfile, opt.modelfile_spec
         s.outputs = {"merged_model": str(opt.merged_dir), "int8_backend": opt.int8_backend,
+                     "pruning": opt.pruning.reason if opt.pruning else "off",
                      "variants": [asdict(v) for v in opt.variants], "modelfile": str(modelfile),
                      **{f"gguf_{k}": str(g.path) for k, g in opt.gguf.items()}}
     summary.outputs.update({"merged_model": str(opt.merged_dir), "modelfile": str(modelfile),

@@ -118,3 +118,45 @@ def test_logged_adapter_and_merged_model_load_back_with_identical_logits(tiny_mo
     ids = torch.tensor([[1, 20, 300, 4000, 50, 7]])
     with torch.no_grad():
         assert torch.equal(rebuilt(input_ids=ids).logits, logged(input_ids=ids).logits)
+
+
+def test_pruning_decision_is_a_pure_threshold():
+    from training.optimize import decide_pruning
+
+    assert decide_pruning(10.0, 10.9, 1.10).keep
+    d = decide_pruning(10.0, 11.2, 1.10)
+    assert not d.keep and abs(d.ratio - 1.12) < 1e-9 and "falling back" in d.reason
+    assert not decide_pruning(10.0, float("nan"), 1.10).keep
+    assert not decide_pruning(0.0, 5.0, 1.10).keep
+
+
+def test_failed_pruning_falls_back_to_the_unpruned_model(tiny_model_dir, corpus, tmp_path):
+    import json
+
+    from conftest import data_cfg
+    from data_contracts.dataset import read_examples
+    from data_contracts.validate import validate_data
+    from erpops.config import Recipe
+    from training.lora import train_lora
+    from training.optimize import optimize_model
+
+    data = validate_data(data_cfg(corpus), tmp_path / "data")
+    runtime = Runtime("cpu", "float32")
+    recipe = Recipe.model_validate({"name": "t", "model": {"source": "tiny"}, "train": {"max_steps": 2, "precision": "fp32"}})
+    trained = train_lora(recipe, tiny_model_dir, read_examples(data.train_path), tmp_path, runtime)
+    evals = read_examples(data.eval_path)[:4]
+    strict = OptimizeConfig(int8_backend="torchao", gguf_types=["f16"], ship="f16", verify_prompts=2,
+                            max_prune_ppl_ratio=0.5)  # no pruned model can pass: the fallback must run
+    result = optimize_model(strict, tiny_model_dir, trained.adapter_dir, evals, tmp_path / "strict", runtime)
+    assert result.pruning is not None and not result.pruning.keep
+    from transformers import AutoModelForCausalLM
+
+    shipped = AutoModelForCausalLM.from_pretrained(result.merged_dir)
+    assert overall_sparsity(shipped) < 0.01  # the unpruned weights shipped
+    saved = json.loads((tmp_path / "strict" / "optimize.json").read_text())
+    assert saved["pruning"]["keep"] is False and "pruned_30pct_fp32" in [v["name"] for v in saved["variants"]]
+
+    lenient = strict.model_copy(update={"max_prune_ppl_ratio": 100.0})
+    result = optimize_model(lenient, tiny_model_dir, trained.adapter_dir, evals, tmp_path / "lenient", runtime)
+    assert result.pruning.keep
+    assert abs(overall_sparsity(AutoModelForCausalLM.from_pretrained(result.merged_dir)) - 0.3) < 0.01

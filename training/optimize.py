@@ -20,6 +20,7 @@ from erpops.config import OptimizeConfig
 from erpops.device import Runtime
 from erpops.tracking import Tracker, write_json
 from evaluation.scoring import response_nll
+from deployment.modelfile import ModelfileSpec, write_modelfile
 from training.gguf import GGUFExport, export_and_verify
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,36 @@ class OptimizeResult:
     int8_backend: str = ""
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     gguf: dict[str, GGUFExport] = field(default_factory=dict)
+    pruning: PruneDecision | None = None
+    """Whether the pruned model was kept, and why (None when pruning is off)."""
+    modelfile: Path | None = None
+    """Ollama Modelfile written beside the shipped GGUF."""
+    modelfile_spec: ModelfileSpec | None = None
 
     def table(self) -> str:
         rows = [f"{'variant':<22}{'ppl':>10}{'size MB':>10}{'sparsity':>10}"]
         rows += [f"{v.name:<22}{'-' if v.perplexity is None else f'{v.perplexity:.2f}':>10}{v.size_mb:>10.1f}{v.sparsity:>10.3f}"
                  for v in self.variants]
         return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class PruneDecision:
+    keep: bool
+    ratio: float
+    reason: str
+
+
+def decide_pruning(merged_ppl: float, pruned_ppl: float, max_ratio: float) -> PruneDecision:
+    """Keep the pruned model only when its perplexity stays within max_ratio of the merged model's."""
+    import math
+
+    ratio = pruned_ppl / merged_ppl if merged_ppl > 0 else math.inf
+    if math.isfinite(ratio) and ratio <= max_ratio:
+        return PruneDecision(True, ratio, f"pruned perplexity {pruned_ppl:.2f} is {ratio:.3f}x the merged {merged_ppl:.2f} "
+                                          f"(allowed {max_ratio}): pruned model ships")
+    return PruneDecision(False, ratio, f"pruned perplexity {pruned_ppl:.2f} is {ratio:.3f}x the merged {merged_ppl:.2f} "
+                                       f"(allowed {max_ratio}): falling back to the unpruned model")
 
 
 def merge_lora(base: Path | str, adapter_dir: Path):
@@ -150,13 +175,21 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
     log.info("merged: perplexity %.2f", ppl)
 
     layer_sparsity: dict[str, float] = {}
+    decision = None
     if cfg.prune_method == "magnitude" and cfg.prune_amount > 0:
         t0 = time.perf_counter()
+        merged_ppl = ppl
+        unpruned = copy.deepcopy(model)
         layer_sparsity = magnitude_prune(model, cfg.prune_amount)
         ppl = response_nll(model, tokenizer, eval_examples, runtime).perplexity
         variants.append(Variant(f"pruned_{round(cfg.prune_amount * 100)}pct_fp32", ppl, saved_size_mb(model), overall_sparsity(model),
                                 time.perf_counter() - t0))
         log.info("pruned %.0f%%: perplexity %.2f (sparsity %.3f)", 100 * cfg.prune_amount, ppl, overall_sparsity(model))
+        decision = decide_pruning(merged_ppl, ppl, cfg.max_prune_ppl_ratio)
+        log.info("pruning decision: %s", decision.reason)
+        if not decision.keep:
+            model = unpruned
+        del unpruned
 
     merged_dir = out_dir / "merged"
     model.save_pretrained(merged_dir)
@@ -175,10 +208,12 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
                              dict(cfg.min_agreement))
     for g in gguf.values():
         variants.append(Variant(f"gguf_{g.kind}", None, g.size_mb, overall_sparsity(model), 0.0))
+    modelfile, spec = write_modelfile(tokenizer, gguf[cfg.ship].path)
 
-    result = OptimizeResult(merged_dir, variants, backend, layer_sparsity, gguf)
+    result = OptimizeResult(merged_dir, variants, backend, layer_sparsity, gguf, decision, modelfile, spec)
     write_json(out_dir / "optimize.json", {"int8_backend": backend, "variants": [asdict(v) for v in variants],
                                           "layer_sparsity": layer_sparsity,
+                                          "pruning": asdict(decision) if decision else None,
                                           "gguf": {k: asdict(g) for k, g in gguf.items()}})
     if tracker:
         for g in gguf.values():
@@ -188,7 +223,10 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
             if v.perplexity is not None:
                 tracker.log_metrics({f"optimize/{v.name}/perplexity": v.perplexity, f"optimize/{v.name}/size_mb": v.size_mb,
                                      f"optimize/{v.name}/sparsity": v.sparsity})
-        tracker.set_tags({"optimize.int8_backend_resolved": backend})
+        tracker.set_tags({"optimize.int8_backend_resolved": backend,
+                          "optimize.pruning": ("kept" if decision.keep else "fallback") if decision else "off"})
+        if decision:
+            tracker.log_metrics({"optimize/prune_ppl_ratio": decision.ratio})
         tracker.log_artifact(out_dir / "optimize.json", "optimize")
         tracker.log_artifact(merged_dir, "merged_model")  # plain HF folder: from_pretrained loads it as is
         tracker.log_text(result.table(), "optimize/variants.txt")
