@@ -107,18 +107,29 @@ def register_version(settings: MLflowSettings, model_uri: str, run_id: str, tags
 
     client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
     name = settings.registered_model_name
+    from mlflow.exceptions import MlflowException
+
     with registry_lock(settings):
-        with contextlib.suppress(Exception):
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
             client.create_registered_model(name, description="ERP assistant LLM (GGUF for Ollama) built by erpops")
+        aliases = current_aliases(client, name)
         mv = client.create_model_version(name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
         version = str(mv.version)
         try:
-            aliases = current_aliases(client, name)
             if passed and settings.aliases.champion in aliases:
                 client.set_model_version_tag(name, version, "parent_champion", aliases[settings.aliases.champion])
             plan = plan_promotion(aliases, version, passed, settings.aliases)
             apply_plan(client, name, plan)
         except BaseException:
+            # put back any alias already moved, then remove the half-registered version
+            for alias in (settings.aliases.candidate, settings.aliases.champion, settings.aliases.previous):
+                with contextlib.suppress(MlflowException):
+                    if alias in aliases:
+                        client.set_registered_model_alias(name, alias, aliases[alias])
+                    else:
+                        client.delete_registered_model_alias(name, alias)
             client.delete_model_version(name, version)
             raise
     log.info("registered %s version %s; aliases set: %s", name, version, plan.set)

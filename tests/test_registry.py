@@ -98,3 +98,19 @@ def test_champion_metrics_come_from_the_champion_run(mlflow_settings, tmp_path):
     client.log_metric(run_id, "eval/rouge_l", 0.25)
     client.log_metric(run_id, "eval/perplexity", 30.0)
     assert P.champion_metrics(mlflow_settings) == {"rouge_l": 0.25, "perplexity": 30.0}
+
+
+def test_failure_after_some_aliases_moved_restores_them(mlflow_settings, tmp_path, monkeypatch):
+    v1, _ = _register(mlflow_settings, tmp_path, True, "a")
+    real = P.apply_plan
+
+    def half(client, name, plan):  # candidate and champion move, then the registry fails
+        client.set_registered_model_alias(name, "candidate", plan.set["candidate"])
+        client.set_registered_model_alias(name, "champion", plan.set["champion"])
+        raise RuntimeError("lost the connection")
+
+    monkeypatch.setattr(P, "apply_plan", half)
+    with pytest.raises(RuntimeError, match="lost the connection"):
+        _register(mlflow_settings, tmp_path, True, "b")
+    monkeypatch.setattr(P, "apply_plan", real)
+    assert _aliases(mlflow_settings) == {"candidate": v1, "champion": v1}
