@@ -16,7 +16,7 @@ from pathlib import Path
 
 from deployment.modelfile import ModelfileSpec
 from deployment.ollama_deploy import OllamaRelease, deploy_to_ollama, ollama_host, point_serving_tag, reachable
-from deployment.vector_store import KBRelease, deploy_knowledge_base, point_alias
+from deployment.vector_store import KBRelease, alias_target, deploy_knowledge_base, drop_alias, open_milvus, point_alias
 from erpops.config import DeployConfig
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ def revert_knowledge_base(kb: KBRelease) -> None:
     """Undo a knowledge-base switch: the alias goes back (the new collection stays for inspection)."""
     if kb.previous_collection:
         point_alias(kb.uri, kb.alias, kb.previous_collection)
+    else:
+        drop_alias(kb.uri, kb.alias)
 
 
 def deploy_release(cfg: DeployConfig, version: str, docs: list[dict], gguf_path: Path,
@@ -51,15 +53,24 @@ def deploy_release(cfg: DeployConfig, version: str, docs: list[dict], gguf_path:
 
 
 def rollback_release(cfg: DeployConfig, version: str, tags: dict[str, str]) -> dict[str, str]:
-    """Point the collection alias and the Ollama serving tag back at `version`'s release."""
+    """Point the collection alias and the Ollama serving tag back at `version`'s release; if the Ollama
+    half fails after the alias moved, the alias goes back too."""
     done = {}
     collection = tags.get("deploy.collection")
+    before = None
     if collection:
+        with open_milvus(cfg.milvus_uri) as client:
+            before = alias_target(client, cfg.collection_alias)
         point_alias(cfg.milvus_uri, cfg.collection_alias, collection)
         done["collection"] = collection
     host = ollama_host(cfg.ollama_host)
     if tags.get("deploy.ollama_release") and reachable(host):
-        done["ollama"] = point_serving_tag(host, cfg.ollama_model, version, cfg.ollama_timeout_s)
+        try:
+            done["ollama"] = point_serving_tag(host, cfg.ollama_model, version, cfg.ollama_timeout_s)
+        except BaseException:
+            if before and before != collection:
+                point_alias(cfg.milvus_uri, cfg.collection_alias, before)
+            raise
     else:
         done["ollama"] = f"skipped: no Ollama release recorded or no server at {host}"
     return done

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,10 +156,12 @@ def deploy_knowledge_base(cfg: DeployConfig, docs: list[dict], release: str) -> 
     vectors = embed(embedder, [c.text for c in chunks])
     name = f"{cfg.collection_alias}_{release}"
     with open_milvus(cfg.milvus_uri) as client:
+        if client.has_collection(name):  # a re-deploy never touches a collection that may be serving
+            name = f"{name}_{time.strftime('%Y%m%d%H%M%S')}"
+        created = False
         try:
-            if client.has_collection(name):
-                client.drop_collection(name)
             create_collection(client, name, len(vectors[0]))
+            created = True
             client.insert(name, [{"id": c.id, "doc": c.doc, "title": c.title, "module": c.module, "lang": c.lang,
                                   "text": c.text[:8000], "embedding": v} for c, v in zip(chunks, vectors)])
             client.flush(name)
@@ -176,7 +179,7 @@ def deploy_knowledge_base(cfg: DeployConfig, docs: list[dict], release: str) -> 
             else:
                 client.alter_alias(name, cfg.collection_alias)
         except BaseException:
-            if client.has_collection(name):
+            if created and client.has_collection(name) and alias_target(client, cfg.collection_alias) != name:
                 client.drop_collection(name)
             raise
     log.info("knowledge base: %d chunks in %s; alias %s -> %s (was %s)", rows, name, cfg.collection_alias, name, previous)
@@ -192,3 +195,10 @@ def point_alias(uri: str, alias: str, collection: str) -> None:
             client.create_alias(collection, alias)
         else:
             client.alter_alias(collection, alias)
+
+
+def drop_alias(uri: str, alias: str) -> None:
+    """Undo a first release: nothing served before it, so the alias goes away."""
+    with open_milvus(uri) as client:
+        if alias_target(client, alias) is not None:
+            client.drop_alias(alias)

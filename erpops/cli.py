@@ -140,6 +140,9 @@ def train(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     except DataContractError as e:
         tracker.end("FAILED")
         _fail(str(e))
+    except BaseException:  # Ctrl-C included: the run must not stay RUNNING (resume with --resume)
+        tracker.end("KILLED")
+        raise
     tracker.end()
     typer.echo(json.dumps({"run_dir": str(run_dir), "adapter": str(result.adapter_dir), "first_loss": result.first_loss,
                            "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s}, indent=2))
@@ -161,7 +164,12 @@ def optimize(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     tracker = Tracker.start(_settings(mlflow_config), f"optimize-{run_dir.name}", {"recipe.hash": r.digest()})
     base = resolve_base_model(r.model, MODELS_DIR)
     evals = read_examples(run_dir / "data" / "eval.jsonl")[: r.gate.max_examples]
-    result = optimize_model(r.optimize, base, run_dir / "adapter", evals, run_dir, resolve_runtime(r.train.precision), tracker)
+    try:
+        result = optimize_model(r.optimize, base, run_dir / "adapter", evals, run_dir, resolve_runtime(r.train.precision),
+                                tracker)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
     tracker.end()
     typer.echo(result.table())
 
@@ -182,8 +190,12 @@ def evaluate(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     settings = _settings(mlflow_config)
     tracker = Tracker.start(settings, f"evaluate-{run_dir.name}", {"recipe.hash": r.digest()})
     gguf = run_dir / "gguf" / f"model-{r.optimize.ship}.gguf"
-    result = evaluate_candidate(r.gate, gguf, read_examples(run_dir / "data" / "eval.jsonl"), champion_metrics(settings),
-                                run_dir, resolve_runtime(r.train.precision), tracker)
+    try:
+        result = evaluate_candidate(r.gate, gguf, read_examples(run_dir / "data" / "eval.jsonl"),
+                                    champion_metrics(settings), run_dir, resolve_runtime(r.train.precision), tracker)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
     tracker.end()
     typer.echo(json.dumps({"metrics": result.metrics, **result.verdict.to_dict()}, indent=2, ensure_ascii=False))
     raise typer.Exit(0 if result.verdict.passed else 1)
@@ -249,13 +261,17 @@ def rollback(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt):
     r = _load(recipe)
     settings = _settings(mlflow_config)
     from deployment.deploy import rollback_release
-    from registry.promote import rollback_registry, version_tags
+    from registry.promote import restore_aliases, rollback_registry, version_tags
 
     try:
         version, plan = rollback_registry(settings)
     except ValueError as e:
         _fail(str(e))
-    done = rollback_release(r.deploy, version, version_tags(settings, version))
+    try:
+        done = rollback_release(r.deploy, version, version_tags(settings, version))
+    except BaseException as e:  # serving could not follow: the registry goes back to what it said before
+        restore_aliases(settings, plan, (settings.aliases.champion, settings.aliases.previous))
+        _fail(f"rollback failed while moving serving to version {version}, registry left unchanged: {e}")
     typer.echo(json.dumps({"champion": version, "aliases_set": plan.set, "aliases_deleted": list(plan.delete), **done}, indent=2))
 
 

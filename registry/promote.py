@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from erpops.config import MLflowSettings
@@ -29,6 +29,8 @@ class AliasPlan:
 
     set: dict[str, str]
     delete: tuple[str, ...] = ()
+    before: dict[str, str] = field(default_factory=dict)
+    """The aliases as they were when the plan was made (read under the registry lock)."""
 
 
 def plan_promotion(aliases: dict[str, str], version: str, passed: bool, names) -> AliasPlan:
@@ -120,7 +122,7 @@ def register_version(settings: MLflowSettings, model_uri: str, run_id: str, tags
         try:
             if passed and settings.aliases.champion in aliases:
                 client.set_model_version_tag(name, version, "parent_champion", aliases[settings.aliases.champion])
-            plan = plan_promotion(aliases, version, passed, settings.aliases)
+            plan = replace(plan_promotion(aliases, version, passed, settings.aliases), before=aliases)
             apply_plan(client, name, plan)
         except BaseException:
             # put back any alias already moved, then remove the half-registered version
@@ -136,18 +138,28 @@ def register_version(settings: MLflowSettings, model_uri: str, run_id: str, tags
     return version, plan
 
 
-def restore_aliases(settings: MLflowSettings, before: dict[str, str], names: tuple[str, ...]) -> None:
-    """Put the named aliases back as they were (used when a deployment fails after promotion)."""
+def restore_aliases(settings: MLflowSettings, plan: AliasPlan, names: tuple[str, ...]) -> None:
+    """Undo a promotion's alias moves (when its deployment failed): each named alias goes back to what
+    it was before, but only if it still points where this plan put it; a move made since by someone
+    else is left alone."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    name = settings.registered_model_name
     with registry_lock(settings):
+        now = current_aliases(client, name)
         for alias in names:
-            if alias in before:
-                client.set_registered_model_alias(settings.registered_model_name, alias, before[alias])
+            if alias in plan.delete and alias not in now and alias in plan.before:
+                client.set_registered_model_alias(name, alias, plan.before[alias])
+                continue
+            if alias not in plan.set or now.get(alias) != plan.set[alias]:
+                continue
+            if alias in plan.before:
+                client.set_registered_model_alias(name, alias, plan.before[alias])
             else:
-                with contextlib.suppress(Exception):
-                    client.delete_registered_model_alias(settings.registered_model_name, alias)
+                with contextlib.suppress(MlflowException):
+                    client.delete_registered_model_alias(name, alias)
 
 
 def promote_version(settings: MLflowSettings, version: str) -> AliasPlan:
@@ -181,7 +193,7 @@ def rollback_registry(settings: MLflowSettings) -> tuple[str, AliasPlan]:
             parent = client.get_model_version(name, prev).tags.get("parent_champion")
             if parent:
                 parent_of[prev] = parent
-        plan = plan_rollback(aliases, parent_of, settings.aliases)
+        plan = replace(plan_rollback(aliases, parent_of, settings.aliases), before=aliases)
         apply_plan(client, name, plan)
     return plan.set[settings.aliases.champion], plan
 

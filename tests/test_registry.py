@@ -114,3 +114,15 @@ def test_failure_after_some_aliases_moved_restores_them(mlflow_settings, tmp_pat
         _register(mlflow_settings, tmp_path, True, "b")
     monkeypatch.setattr(P, "apply_plan", real)
     assert _aliases(mlflow_settings) == {"candidate": v1, "champion": v1}
+
+
+def test_restore_leaves_alone_an_alias_someone_else_moved_since(mlflow_settings, tmp_path):
+    v1, _ = _register(mlflow_settings, tmp_path, True, "a")
+    v2, plan = _register(mlflow_settings, tmp_path, True, "b")
+    assert plan.before == {"candidate": v1, "champion": v1}
+    v3, _ = _register(mlflow_settings, tmp_path, True, "c")  # another promotion lands meanwhile
+    P.restore_aliases(mlflow_settings, plan, ("champion", "previous"))  # v2's deployment failed
+    assert _aliases(mlflow_settings)["champion"] == v3  # not put back to v1 over v3
+    v4, plan4 = _register(mlflow_settings, tmp_path, True, "d")
+    P.restore_aliases(mlflow_settings, plan4, ("champion", "previous"))
+    assert _aliases(mlflow_settings)["champion"] == v3 and _aliases(mlflow_settings)["previous"] == v2

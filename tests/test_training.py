@@ -261,3 +261,22 @@ def test_gemma3_recipe_trains_offline(tmp_path, corpus):
     result = train_lora(recipe, base, read_examples(data.train_path)[:12], tmp_path, Runtime("cpu", "float32"))
     assert result.steps == 3 and math.isfinite(result.final_loss)
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_a_checkpoint_of_another_recipe_is_not_resumed(tiny_model_dir, corpus, tmp_path):
+    from conftest import data_cfg
+    from data_contracts.dataset import read_examples
+    from data_contracts.validate import validate_data
+    from training.lora import train_lora
+
+    examples = read_examples(validate_data(data_cfg(corpus), tmp_path / "data").train_path)
+    base = {"name": "t", "model": {"source": "tiny"}, "train": {"max_steps": 4, "batch_size": 4, "precision": "fp32",
+                                                                "checkpoint_every": 2}}
+    first = train_lora(Recipe.model_validate(base), tiny_model_dir, examples, tmp_path, Runtime("cpu", "float32"))
+    assert (tmp_path / "checkpoints" / "step-2").is_dir()
+    other = Recipe.model_validate({**base, "train": {**base["train"], "seed": 7}})
+    resumed = train_lora(other, tiny_model_dir, examples, tmp_path, Runtime("cpu", "float32"), resume=True)
+    scratch = train_lora(other, tiny_model_dir, examples, tmp_path / "scratch", Runtime("cpu", "float32"))
+    # had it resumed, its loss history would start with the first recipe's losses
+    assert resumed.first_loss == scratch.first_loss != first.first_loss
+    assert resumed.final_loss == scratch.final_loss

@@ -56,3 +56,26 @@ def test_release_switches_alias_and_failed_health_leaves_it(tmp_path, monkeypatc
         assert V.alias_target(client, "kb") == "kb_v1"
     with pytest.raises(V.KBHealthError, match="no longer exists"):
         V.point_alias(cfg.milvus_uri, "kb", "kb_v9")
+
+
+@pytest.mark.integration
+def test_redeploying_the_serving_release_never_drops_it_and_first_release_revert_drops_the_alias(tmp_path):
+    from deployment.deploy import revert_knowledge_base
+
+    cfg = DeployConfig(milvus_uri=str(tmp_path / "kb.db"), collection_alias="kb", chunk_chars=200)
+    first = V.deploy_knowledge_base(cfg, DOCS, "v1")
+    again = V.deploy_knowledge_base(cfg, DOCS, "v1")  # e.g. `erpops deploy` of the current champion
+    assert again.collection != "kb_v1" and again.previous_collection == "kb_v1"
+    with V.open_milvus(cfg.milvus_uri) as client:
+        assert client.has_collection("kb_v1") and V.alias_target(client, "kb") == again.collection
+    revert_knowledge_base(again)
+    with V.open_milvus(cfg.milvus_uri) as client:
+        assert V.alias_target(client, "kb") == "kb_v1"
+    revert_knowledge_base(first)  # a failed first release: nothing served before it
+    with V.open_milvus(cfg.milvus_uri) as client:
+        assert V.alias_target(client, "kb") is None
+
+
+def test_chunk_overlap_must_be_smaller_than_the_chunk():
+    with pytest.raises(ValueError, match="chunk_overlap"):
+        DeployConfig(chunk_chars=200, chunk_overlap=200)

@@ -9,6 +9,7 @@ resolved recipe beside it.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -161,11 +162,17 @@ def train_lora(
     real_tokens = 0
     done = 0
     ckpt_root = out_dir / "checkpoints"
+    fingerprint = run_fingerprint(recipe, train_examples)
+    prior_wall = 0.0
     if resume and (latest := latest_checkpoint(ckpt_root)) is not None:
-        done, losses, real_tokens = load_checkpoint(latest, model, optimizer)
-        log.info("resuming from %s: %d/%d steps done", latest.name, done, cfg.max_steps)
-        if tracker:
-            tracker.set_tags({"train.resumed_from_step": done})
+        progress = json.loads((latest / "progress.json").read_text())
+        if progress.get("fingerprint") != fingerprint:
+            log.warning("ignoring %s: it was written for another recipe or other data; training from scratch", latest)
+        else:
+            done, losses, real_tokens, prior_wall = load_checkpoint(latest, model, optimizer)
+            log.info("resuming from %s: %d/%d steps done", latest.name, done, cfg.max_steps)
+            if tracker:
+                tracker.set_tags({"train.resumed_from_step": done})
     monitor = None
     if tracker:  # CPU, memory (and GPU when present) sampled into the run as system/* metrics
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -174,7 +181,7 @@ def train_lora(
         monitor.start()
     try:
         losses, real_tokens, wall = _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, tracker,
-                                          ckpt_root, done, losses, real_tokens)
+                                          ckpt_root, done, losses, real_tokens, fingerprint, prior_wall)
     finally:
         if monitor:
             monitor.finish()
@@ -193,8 +200,10 @@ def train_lora(
     return result
 
 
-def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, tracker, ckpt_root, done, losses, real_tokens):
-    """The optimisation steps from `done` to max_steps; returns (losses, real_tokens, wall seconds)."""
+def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, tracker, ckpt_root, done, losses, real_tokens,
+          fingerprint, prior_wall):
+    """The optimisation steps from `done` to max_steps; returns (losses, real_tokens, wall seconds of
+    all steps, those before a resume included)."""
     import torch
 
     cfg = recipe.train
@@ -228,10 +237,11 @@ def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, trac
         if step % 5 == 0 or step == cfg.max_steps - 1:
             log.info("step %d/%d loss %.4f lr %.2e", step + 1, cfg.max_steps, value, lr_at(step, cfg))
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
-            save_checkpoint(ckpt_root, step + 1, model, optimizer, losses, real_tokens, cfg.keep_checkpoints)
+            save_checkpoint(ckpt_root, step + 1, model, optimizer, losses, real_tokens, cfg.keep_checkpoints,
+                            fingerprint, prior_wall + time.perf_counter() - start)
             if tracker:
                 tracker.flush()
-    wall = time.perf_counter() - start
+    wall = prior_wall + time.perf_counter() - start
     return losses, real_tokens, wall
 
 
@@ -241,9 +251,18 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, losses: list[float], real_tokens: int, keep: int) -> Path:
+def run_fingerprint(recipe: Recipe, train_examples: list[dict]) -> str:
+    """What a checkpoint must match to be resumed: the resolved recipe and the training data."""
+    import hashlib
+
+    from data_contracts.dataset import content_digest
+
+    return hashlib.sha256(f"{recipe.digest()}:{content_digest(train_examples)}".encode()).hexdigest()
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, losses: list[float], real_tokens: int, keep: int,
+                    fingerprint: str = "", wall_s: float = 0.0) -> Path:
     """Adapter weights, optimizer state, RNG states and the loss history; written atomically."""
-    import json
     import shutil
 
     import numpy as np
@@ -257,7 +276,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, losses: list[float]
     torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
                tmp / "state.pt")
-    (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses, "real_tokens": real_tokens}))
+    (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses, "real_tokens": real_tokens,
+                                                   "fingerprint": fingerprint, "wall_s": wall_s}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
@@ -265,9 +285,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, losses: list[float]
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer) -> tuple[int, list[float], int]:
-    import json
-
+def load_checkpoint(path: Path, model, optimizer) -> tuple[int, list[float], int, float]:
     import numpy as np
     import torch
     from peft import set_peft_model_state_dict
@@ -279,7 +297,7 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[int, list[float], int
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
     progress = json.loads((path / "progress.json").read_text())
-    return progress["step"], progress["losses"], progress["real_tokens"]
+    return progress["step"], progress["losses"], progress["real_tokens"], progress.get("wall_s", 0.0)
 
 
 def _log_loss_curve(tracker: Tracker, losses: list[float], out_dir: Path) -> None:
