@@ -18,6 +18,8 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "GX_ANALYTICS_ENABLED": "false",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "erpops,training,evaluation,registry,deployment,data_contracts",
+    # stage functions also run outside flows (CLI, tests): their logs then stay local, without a warning
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 
