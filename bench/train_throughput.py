@@ -6,7 +6,8 @@ hyperparameters.
 
 (a) baseline: `transformers.Trainer` + peft LoRA, batches padded to the longest, the model's own loss;
 (b) erpops: training.lora.train_lora (packed padding-free rows, vocabulary projection only at
-    assistant positions, length-grouped batches).
+    assistant positions, length-grouped batches);
+(c) erpops-gc: (b) with gradient checkpointing (train.gradient_checkpointing), the memory-saving option.
 Both use the recipe's LoRA settings, batch size, learning rate, warm-up, seed and precision. Tokens/s
 counts real (non-pad) tokens. Each variant runs in its own process so peak memory is its own.
 Prints a table and, as its last line, name=value pairs. On a GPU it also prints MFU.
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("baseline", "erpops", "erpops-gc")
 sys.path.insert(0, str(REPO))
 
 
@@ -91,8 +93,9 @@ def run_erpops(args) -> dict:
     from training.lora import train_lora
 
     recipe, base, examples, runtime, out = _setup(args)
-    recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"checkpoint_every": 0})})
-    r = train_lora(recipe, base, examples, out / "erpops", runtime)
+    update = {"checkpoint_every": 0, "gradient_checkpointing": args.variant == "erpops-gc"}
+    recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update=update)})
+    r = train_lora(recipe, base, examples, out / args.variant, runtime)
     return {"tokens_per_s": r.tokens_per_s, "wall_s": r.wall_s, "real_tokens": round(r.tokens_per_s * r.wall_s),
             "first_loss": r.first_loss, "last_loss": r.final_loss}
 
@@ -113,7 +116,7 @@ def main() -> None:
     ap.add_argument("--model", choices=["recipe", "tiny"], default="recipe")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=str(REPO / ".erpops" / "bench" / "train"))
-    ap.add_argument("--variant", choices=["baseline", "erpops"], help=argparse.SUPPRESS)
+    ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.variant:
@@ -123,7 +126,7 @@ def main() -> None:
         return
 
     results = {}
-    for variant in ("baseline", "erpops"):
+    for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--variant", variant, "--recipe", args.recipe, "--model", args.model,
                "--steps", str(args.steps), "--out", args.out]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -136,18 +139,19 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = peak_flops(device)
-    print(f"{'variant':<10}{'tok/s':>10}{'wall s':>9}{'real tokens':>13}{'first loss':>12}{'last loss':>11}{'peak RSS MB':>13}")
+    print(f"{'variant':<11}{'tok/s':>10}{'wall s':>9}{'real tokens':>13}{'first loss':>12}{'last loss':>11}{'peak RSS MB':>13}")
     for name, r in results.items():
-        print(f"{name:<10}{r['tokens_per_s']:>10.1f}{r['wall_s']:>9.1f}{r['real_tokens']:>13}{r['first_loss']:>12.3f}"
+        print(f"{name:<11}{r['tokens_per_s']:>10.1f}{r['wall_s']:>9.1f}{r['real_tokens']:>13}{r['first_loss']:>12.3f}"
               f"{r['last_loss']:>11.3f}{r['peak_rss_mb']:>13.0f}")
     ratio = results["erpops"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
     pairs = (f"ratio={ratio:.2f} baseline_tokens_per_s={results['baseline']['tokens_per_s']:.1f} "
              f"erpops_tokens_per_s={results['erpops']['tokens_per_s']:.1f} "
-             f"baseline_peak_rss_mb={results['baseline']['peak_rss_mb']:.0f} erpops_peak_rss_mb={results['erpops']['peak_rss_mb']:.0f}")
+             f"baseline_peak_rss_mb={results['baseline']['peak_rss_mb']:.0f} erpops_peak_rss_mb={results['erpops']['peak_rss_mb']:.0f} "
+             f"gc_tokens_per_s={results['erpops-gc']['tokens_per_s']:.1f} gc_peak_rss_mb={results['erpops-gc']['peak_rss_mb']:.0f}")
     if peak and results["baseline"].get("params"):
         n = results["baseline"]["params"]
         for name, r in results.items():
-            pairs += f" {name}_mfu={r['tokens_per_s'] * 4 * n / peak:.4f}"
+            pairs += f" {name.replace('-', '_')}_mfu={r['tokens_per_s'] * 4 * n / peak:.4f}"
     print(pairs)
 
 

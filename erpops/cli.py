@@ -123,29 +123,50 @@ def train(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     from data_contracts.dataset import read_examples
     from data_contracts.report import DataContractError
     from data_contracts.validate import validate_data
+    from erpops import distributed
     from erpops.device import resolve_runtime
     from erpops.tracking import Tracker
     from training.base_model import MODELS_DIR, load_tokenizer, resolve_base_model
-    from training.lora import train_lora
+    from training.launch import train as train_stage
 
-    if resume and run_dir is None:
-        run_dir = _latest_run_dir(r)
-    run_dir = run_dir or r.output_root / f"{r.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tracker = Tracker.start(_settings(mlflow_config), f"train-{run_dir.name}", {"recipe.hash": r.digest()})
+    runtime = resolve_runtime(r.train.precision)
+    # under `accelerate launch -m erpops.cli train`: rank 0 validates and logs, every rank trains
+    dist = distributed.init(runtime.device)
+    if dist.is_main:
+        if resume and run_dir is None:
+            run_dir = _latest_run_dir(r)
+        run_dir = run_dir or r.output_root / f"{r.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = distributed.broadcast(dist, run_dir)
+    tracker = Tracker.start(_settings(mlflow_config), f"train-{run_dir.name}", {"recipe.hash": r.digest()}) if dist.is_main else None
+    error, base = "", None
+    if dist.is_main:  # a crash here ends the launch: the launcher stops every process when one fails
+        try:
+            validate_data(r.data, run_dir / "data", tracker, load_tokenizer(r.model, MODELS_DIR))
+            base = str(resolve_base_model(r.model, MODELS_DIR))
+        except DataContractError as e:
+            error = str(e)
+    if distributed.broadcast(dist, error):
+        if tracker:
+            tracker.end("FAILED")
+        distributed.close(dist)
+        _fail(error if dist.is_main else "data validation failed on rank 0")
+    base = distributed.broadcast(dist, base)
     try:
-        data = validate_data(r.data, run_dir / "data", tracker, load_tokenizer(r.model, MODELS_DIR))
-        base = resolve_base_model(r.model, MODELS_DIR)
-        result = train_lora(r, base, read_examples(data.train_path), run_dir, resolve_runtime(r.train.precision), tracker,
-                            resume=resume)
-    except DataContractError as e:
-        tracker.end("FAILED")
-        _fail(str(e))
+        result = train_stage(r, base, read_examples(run_dir / "data" / "train.jsonl"), run_dir, runtime, tracker,
+                             resume=resume)
     except BaseException:  # Ctrl-C included: the run must not stay RUNNING (resume with --resume)
-        tracker.end("KILLED")
+        if tracker:
+            tracker.end("KILLED")
         raise
-    tracker.end()
-    typer.echo(json.dumps({"run_dir": str(run_dir), "adapter": str(result.adapter_dir), "first_loss": result.first_loss,
-                           "final_loss": result.final_loss, "tokens_per_s": result.tokens_per_s}, indent=2))
+    finally:
+        distributed.close(dist)
+    if tracker:
+        tracker.end()
+    if dist.is_main:
+        typer.echo(json.dumps({"run_dir": str(run_dir), "adapter": str(result.adapter_dir),
+                               "first_loss": result.first_loss, "final_loss": result.final_loss,
+                               "tokens_per_s": result.tokens_per_s, "processes": max(dist.world_size,
+                                                                                     r.train.num_processes)}, indent=2))
 
 
 @app.command()

@@ -120,6 +120,11 @@ class TrainConfig(_Strict):
     """Newest checkpoints kept on disk."""
     packing: bool = True
     """Padding-free batches: examples packed into rows of up to data.max_seq_len tokens (block-diagonal attention)."""
+    gradient_checkpointing: bool = False
+    """Recompute layer activations in the backward pass: much less activation memory for about a third more compute."""
+    num_processes: int = Field(1, ge=1)
+    """Data-parallel processes (one per GPU; gloo processes on CPU). Above 1, the train stage runs itself under
+    `accelerate launch`; batch_size stays the global batch, so the loss curve does not depend on this number."""
 
 
 class OptimizeConfig(_Strict):

@@ -29,14 +29,14 @@ from evaluation.evaluate import evaluate_candidate
 from registry.promote import (champion_metrics, log_shipped_model, register_version,
                               restore_aliases, tag_version)
 from training.base_model import MODELS_DIR, load_tokenizer, resolve_base_model
-from training.lora import train_lora
+from training.launch import train as train_stage
 from training.optimize import optimize_model
 
 log = logging.getLogger("erpops.pipeline")
 
 validate_task = task(validate_data, name="validate", cache_policy=NO_CACHE)
 base_model_task = task(resolve_base_model, name="base-model", cache_policy=NO_CACHE)
-train_task = task(train_lora, name="train", cache_policy=NO_CACHE)
+train_task = task(train_stage, name="train", cache_policy=NO_CACHE)
 optimize_task = task(optimize_model, name="optimize", cache_policy=NO_CACHE)
 champion_task = task(champion_metrics, name="champion-metrics", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 evaluate_task = task(evaluate_candidate, name="evaluate", cache_policy=NO_CACHE)

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from erpops import distributed
 from erpops.config import LoraConfig, Recipe, TrainConfig
 from erpops.device import Runtime
+from erpops.distributed import SINGLE, Dist
 from erpops.tracking import Tracker
 from training.data import Encoded, encode_example, pack_batch, pad_batch
 
@@ -48,7 +50,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_for_training(base: Path | str, lora: LoraConfig, runtime: Runtime):
+def load_for_training(base: Path | str, lora: LoraConfig, runtime: Runtime, gradient_checkpointing: bool = False):
     """Base model (fp32 weights, frozen) with LoRA adapters, and its tokenizer."""
     import torch
     from peft import LoraConfig as PeftLoraConfig
@@ -68,6 +70,8 @@ def load_for_training(base: Path | str, lora: LoraConfig, runtime: Runtime):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(runtime.device)
+    if gradient_checkpointing:  # recompute each layer's activations in backward: less memory, ~30% more compute
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, peft_cfg), tokenizer
@@ -134,13 +138,22 @@ def train_lora(
     runtime: Runtime,
     tracker: Tracker | None = None,
     resume: bool = False,
+    dist: Dist = SINGLE,
 ) -> TrainResult:
-    """Train LoRA adapters; with `resume`, continue from the newest checkpoint in out_dir/checkpoints."""
+    """Train LoRA adapters; with `resume`, continue from the newest checkpoint in out_dir/checkpoints.
+
+    Under a multi-process launch (`dist`), every process holds the same model and takes its share of each
+    global batch; gradients are summed across processes with the loss normalised by the global count of
+    assistant tokens, so each step is the single-process step. Only rank 0 logs and writes files (give
+    the other ranks `tracker=None`)."""
     import torch
 
     cfg = recipe.train
-    seed_everything(cfg.seed)
-    model, tokenizer = load_for_training(base, recipe.lora, runtime)
+    if dist.enabled and cfg.batch_size < dist.world_size:
+        raise ValueError(f"train.batch_size={cfg.batch_size} is the global batch; it must be at least the "
+                         f"number of processes ({dist.world_size})")
+    seed_everything(cfg.seed)  # the same on every rank: LoRA initialisation and data order must agree
+    model, tokenizer = load_for_training(base, recipe.lora, runtime, cfg.gradient_checkpointing)
     encoded = [encode_example(tokenizer, e["messages"]) for e in train_examples]
     encoded = [e for e in encoded if any(t != -100 for t in e.labels)]
     if not encoded:
@@ -152,7 +165,8 @@ def train_lora(
     if tracker:
         tracker.log_params({"train.trainable_params": n_trainable, "train.total_params": n_total,
                             "train.device": runtime.device, "train.compute_dtype": runtime.compute_dtype,
-                            "train.examples": len(encoded)})
+                            "train.examples": len(encoded), "train.processes": dist.world_size,
+                            "train.gradient_checkpointing": cfg.gradient_checkpointing})
     log.info("training %d/%d params (%.2f%%) on %s/%s, %d examples, %d steps",
              n_trainable, n_total, 100 * n_trainable / n_total, runtime.device, runtime.compute_dtype,
              len(encoded), cfg.max_steps)
@@ -169,7 +183,7 @@ def train_lora(
         if progress.get("fingerprint") != fingerprint:
             log.warning("ignoring %s: it was written for another recipe or other data; training from scratch", latest)
         else:
-            done, losses, real_tokens, prior_wall = load_checkpoint(latest, model, optimizer)
+            done, losses, real_tokens, prior_wall = load_checkpoint(latest, model, optimizer, dist)
             log.info("resuming from %s: %d/%d steps done", latest.name, done, cfg.max_steps)
             if tracker:
                 tracker.set_tags({"train.resumed_from_step": done})
@@ -181,17 +195,19 @@ def train_lora(
         monitor.start()
     try:
         losses, real_tokens, wall = _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, tracker,
-                                          ckpt_root, done, losses, real_tokens, fingerprint, prior_wall)
+                                          ckpt_root, done, losses, real_tokens, fingerprint, prior_wall, dist)
     finally:
         if monitor:
             monitor.finish()
 
     adapter_dir = out_dir / "adapter"
+    result = TrainResult(adapter_dir, len(losses), losses[0], sum(losses[-5:]) / len(losses[-5:]),
+                         real_tokens / max(wall, 1e-9), wall)
+    if not dist.is_main:
+        return result
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
     (adapter_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), allow_unicode=True, sort_keys=False))
-    result = TrainResult(adapter_dir, len(losses), losses[0], sum(losses[-5:]) / len(losses[-5:]),
-                         real_tokens / max(wall, 1e-9), wall)
     if tracker:
         tracker.log_metrics({"train/first_loss": result.first_loss, "train/final_loss": result.final_loss,
                              "train/mean_tokens_per_s": result.tokens_per_s, "train/wall_s": wall})
@@ -201,10 +217,11 @@ def train_lora(
 
 
 def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, tracker, ckpt_root, done, losses, real_tokens,
-          fingerprint, prior_wall):
+          fingerprint, prior_wall, dist: Dist = SINGLE):
     """The optimisation steps from `done` to max_steps; returns (losses, real_tokens, wall seconds of
-    all steps, those before a resume included)."""
+    all steps, those before a resume included). Losses and token counts are global (all ranks)."""
     import torch
+    import torch.nn.functional as F
 
     cfg = recipe.train
     start = time.perf_counter()
@@ -214,18 +231,24 @@ def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, trac
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        collated = (pack_batch(batch, tokenizer.pad_token_id, recipe.data.max_seq_len) if cfg.packing
-                    else pad_batch(batch, tokenizer.pad_token_id))
+        mine = distributed.shard(dist, batch)
+        collated = (pack_batch(mine, tokenizer.pad_token_id, recipe.data.max_seq_len) if cfg.packing
+                    else pad_batch(mine, tokenizer.pad_token_id))
         inputs = {k: v.to(runtime.device) for k, v in collated.items()}
         with torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast):
-            loss = assistant_token_loss(model, **inputs)
-        loss.backward()
+            logits, targets, _ = labelled_logits(model, **inputs)
+            loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        # [assistant tokens, all real tokens, summed loss] over every rank, in one collective
+        totals = distributed.all_sum(dist, torch.tensor([targets.numel(), sum(len(e.input_ids) for e in mine),
+                                                         loss_sum.item()], dtype=torch.float64))
+        (loss_sum / totals[0].item()).backward()  # the global per-token mean once gradients are summed
+        distributed.all_sum_grads(dist, trainable)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        n_tokens = sum(len(e.input_ids) for e in batch)
+        n_tokens = int(totals[1].item())
         real_tokens += n_tokens
-        value = loss.item()
+        value = totals[2].item() / totals[0].item()
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss became {value} at step {step}")
         losses.append(value)
@@ -238,7 +261,7 @@ def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, trac
             log.info("step %d/%d loss %.4f lr %.2e", step + 1, cfg.max_steps, value, lr_at(step, cfg))
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
             save_checkpoint(ckpt_root, step + 1, model, optimizer, losses, real_tokens, cfg.keep_checkpoints,
-                            fingerprint, prior_wall + time.perf_counter() - start)
+                            fingerprint, prior_wall + time.perf_counter() - start, dist)
             if tracker:
                 tracker.flush()
     wall = prior_wall + time.perf_counter() - start
@@ -261,31 +284,48 @@ def run_fingerprint(recipe: Recipe, train_examples: list[dict]) -> str:
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, losses: list[float], real_tokens: int, keep: int,
-                    fingerprint: str = "", wall_s: float = 0.0) -> Path:
-    """Adapter weights, optimizer state, RNG states and the loss history; written atomically."""
+                    fingerprint: str = "", wall_s: float = 0.0, dist: Dist = SINGLE) -> Path:
+    """Adapter weights, optimizer state, each rank's RNG states and the loss history; written atomically
+    (into a hidden folder renamed into place by rank 0 once every rank has written its part)."""
     import shutil
 
-    import numpy as np
     import torch
     from peft import get_peft_model_state_dict
 
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
-               tmp / "state.pt")
-    (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses, "real_tokens": real_tokens,
-                                                   "fingerprint": fingerprint, "wall_s": wall_s}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier(dist)
+    torch.save(_rng_state(), tmp / f"rng-{dist.rank}.pt")
+    distributed.barrier(dist)
+    if dist.is_main:
+        torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
+                    "world_size": dist.world_size}, tmp / "state.pt")
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses, "real_tokens": real_tokens,
+                                                       "fingerprint": fingerprint, "wall_s": wall_s}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier(dist)
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer) -> tuple[int, list[float], int, float]:
+def _rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def load_checkpoint(path: Path, model, optimizer, dist: Dist = SINGLE) -> tuple[int, list[float], int, float]:
+    """Restore a checkpoint; a rank with no RNG file of its own (resumed with more processes than it was
+    written with) keeps its fresh seeded state, which only changes dropout masks."""
     import numpy as np
     import torch
     from peft import set_peft_model_state_dict
@@ -293,9 +333,14 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[int, list[float], int
     state = torch.load(path / "state.pt", weights_only=False)
     set_peft_model_state_dict(model, state["adapter"])
     optimizer.load_state_dict(state["optimizer"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
+    rng_file = path / f"rng-{dist.rank}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     progress = json.loads((path / "progress.json").read_text())
     return progress["step"], progress["losses"], progress["real_tokens"], progress.get("wall_s", 0.0)
 
