@@ -9,7 +9,7 @@ export DO_NOT_TRACK = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export MLFLOW_DISABLE_TELEMETRY = true
 
-.PHONY: install run test test-fast ui clean
+.PHONY: install run test test-fast ui clean llamacpp
 
 install: $(STAMP)
 
@@ -36,6 +36,12 @@ test-fast: install
 
 ui: install
 	$(BIN)/erpops ui
+
+# optional: llama-cpp-python for the llama.cpp GGUF test and GGUF tokens/s in bench/optimize.py.
+# The default build SEGFAULTs on Q8_0 files on CPUs that report AMX; these flags avoid it.
+llamacpp: install
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON" \
+		$(BIN)/pip install -q -e ".[llamacpp]"
 
 clean:
 	rm -rf .erpops

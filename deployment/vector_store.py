@@ -43,6 +43,8 @@ class KBRelease:
     previous_collection: str | None
     health_query: str
     health_hit: str
+    retrieval: dict | None = None
+    """hit@5 / MRR of the golden queries on this collection (evaluation.retrieval), when they were given."""
 
 
 class KBHealthError(RuntimeError):
@@ -144,11 +146,15 @@ def create_collection(client, name: str, dim: int) -> None:
     client.create_collection(name, schema=schema, index_params=index)
 
 
-def deploy_knowledge_base(cfg: DeployConfig, docs: list[dict], release: str) -> KBRelease:
-    """Write a new collection, check it answers a document's title with that document, then move the alias.
+def deploy_knowledge_base(cfg: DeployConfig, docs: list[dict], release: str, golden: list[dict] | None = None) -> KBRelease:
+    """Write a new collection, check it answers a document's title with that document, score the golden
+    queries on it (hit@5 and MRR at cfg.retrieval_threshold; below cfg.min_hit_at_5 it fails), then move
+    the alias.
 
     On any failure the new collection is dropped and the alias is left where it was.
     """
+    from evaluation.retrieval import score_collection
+
     chunks = chunk_docs(docs, cfg.chunk_chars, cfg.chunk_overlap)
     if not chunks:
         raise ValueError("no document chunks to index")
@@ -173,6 +179,10 @@ def deploy_knowledge_base(cfg: DeployConfig, docs: list[dict], release: str) -> 
             hits = search(client, name, embedder, probe["title"])
             if not hits or hits[0]["doc"] != probe["file"]:
                 raise KBHealthError(f"{name}: query {probe['title']!r} did not return {probe['file']} first: {hits[:3]}")
+            retrieval = score_collection(client, name, embedder, golden, 5, cfg.retrieval_threshold) if golden else None
+            if retrieval and retrieval["metrics"]["hit_at_5"] < cfg.min_hit_at_5:
+                raise KBHealthError(f"{name}: hit@5 {retrieval['metrics']['hit_at_5']:.3f} on {len(golden)} golden queries "
+                                    f"is below deploy.min_hit_at_5 {cfg.min_hit_at_5}")
             previous = alias_target(client, cfg.collection_alias)
             if previous is None:
                 client.create_alias(name, cfg.collection_alias)
@@ -183,7 +193,7 @@ def deploy_knowledge_base(cfg: DeployConfig, docs: list[dict], release: str) -> 
                 client.drop_collection(name)
             raise
     log.info("knowledge base: %d chunks in %s; alias %s -> %s (was %s)", rows, name, cfg.collection_alias, name, previous)
-    return KBRelease(cfg.milvus_uri, name, cfg.collection_alias, rows, previous, probe["title"], hits[0]["doc"])
+    return KBRelease(cfg.milvus_uri, name, cfg.collection_alias, rows, previous, probe["title"], hits[0]["doc"], retrieval)
 
 
 def point_alias(uri: str, alias: str, collection: str) -> None:

@@ -3,7 +3,8 @@
     erpops run                                  # the whole pipeline on the default recipe
     erpops validate --json                      # data contracts only
     erpops status --json                        # registry state: versions, aliases, metrics, lineage
-    erpops promote 3 / erpops rollback          # move the champion by hand
+    erpops status --history                     # every alias move: when, who, why (--at TIME: champion then)
+    erpops promote 3 / erpops rollback          # move the champion by hand (--force --reason TEXT: past the gate)
     erpops ui                                   # MLflow UI over the same store
 """
 
@@ -187,7 +188,7 @@ def optimize(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     evals = read_examples(run_dir / "data" / "eval.jsonl")[: r.gate.max_examples]
     try:
         result = optimize_model(r.optimize, base, run_dir / "adapter", evals, run_dir, resolve_runtime(r.train.precision),
-                                tracker)
+                                tracker, calibration_examples=read_examples(run_dir / "data" / "train.jsonl"))
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -198,7 +199,9 @@ def optimize(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
 @app.command()
 def evaluate(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
              run_dir: Optional[Path] = typer.Option(None, help="Run folder holding gguf/ (default: the latest).")):
-    """Score the shipped GGUF of a run folder and apply the gate against the current champion."""
+    """Score the shipped GGUF of a run folder and the champion's on the same examples; apply the gate.
+
+    Exit status: 0 promote, 3 hold (no evidence of a difference), 1 reject."""
     _setup()
     r = _load(recipe)
     run_dir = run_dir or _latest_run_dir(r)
@@ -206,38 +209,49 @@ def evaluate(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     from erpops.device import resolve_runtime
     from erpops.tracking import Tracker
     from evaluation.evaluate import evaluate_candidate
-    from registry.promote import champion_metrics
+    from registry.champion import fetch_champion
 
     settings = _settings(mlflow_config)
     tracker = Tracker.start(settings, f"evaluate-{run_dir.name}", {"recipe.hash": r.digest()})
-    gguf = run_dir / "gguf" / f"model-{r.optimize.ship}.gguf"
+    decided = run_dir / "optimize.json"  # the optimize stage may have fallen back from the recipe's choice
+    shipped = json.loads(decided.read_text()).get("shipped", r.optimize.ship) if decided.exists() else r.optimize.ship
+    gguf = run_dir / "gguf" / f"model-{shipped}.gguf"
     try:
         result = evaluate_candidate(r.gate, gguf, read_examples(run_dir / "data" / "eval.jsonl"),
-                                    champion_metrics(settings), run_dir, resolve_runtime(r.train.precision), tracker)
+                                    fetch_champion(settings, run_dir / "champion"), run_dir, resolve_runtime(r.train.precision),
+                                    tracker)
     except BaseException:
         tracker.end("FAILED")
         raise
     tracker.end()
-    typer.echo(json.dumps({"metrics": result.metrics, **result.verdict.to_dict()}, indent=2, ensure_ascii=False))
-    raise typer.Exit(0 if result.verdict.passed else 1)
+    typer.echo(json.dumps({"metrics": result.metrics, **result.verdict.to_dict(), "report": str(result.report_path),
+                           "html_report": str(result.html_path)}, indent=2, ensure_ascii=False))
+    raise typer.Exit({"promote": 0, "hold": 3}.get(result.verdict.verdict, 1))
 
 
 @app.command()
 def promote(version: str = typer.Argument(..., help="Model version to make champion."),
-            mlflow_config: Optional[str] = MlflowOpt):
-    """Make VERSION the champion by hand; the old champion becomes previous."""
+            mlflow_config: Optional[str] = MlflowOpt,
+            force: bool = typer.Option(False, "--force", help="Promote although the version's gate verdict is not 'promote' (needs --reason)."),
+            reason: str = typer.Option("", "--reason", help="Why; recorded in the promotion ledger (and as a version tag with --force)."),
+            expect_champion: Optional[str] = typer.Option(None, "--expect-champion", help="Refuse unless this version (or 'none') is still the champion.")):
+    """Make VERSION the champion by hand; the old champion becomes previous. Moves the registry only
+    (`erpops deploy` serves it). A version the gate did not pass needs --force --reason TEXT."""
     from erpops.runtime import setup_process
 
     setup_process()
     from mlflow.exceptions import MlflowException
 
-    from registry.promote import promote_version
+    from registry.promote import UNCHECKED, PromotionRefused, promote_version
 
+    expected = UNCHECKED if expect_champion is None else (None if expect_champion.lower() == "none" else expect_champion)
     try:
-        plan = promote_version(_settings(mlflow_config), version)
+        plan = promote_version(_settings(mlflow_config), version, expected, force=force, reason=reason)
     except MlflowException as e:
         _fail(f"cannot promote version {version}: {e.message}")
-    typer.echo(json.dumps({"aliases_set": plan.set}))
+    except PromotionRefused as e:
+        _fail(f"cannot promote version {version}: {e}")
+    typer.echo(json.dumps({"version": version, "aliases_set": plan.set, "aliases_before": plan.before, "reason": reason}))
 
 
 @app.command()
@@ -276,7 +290,8 @@ def deploy(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
 
 
 @app.command()
-def rollback(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt):
+def rollback(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
+             reason: str = typer.Option("", "--reason", help="Why; recorded in the promotion ledger.")):
     """Point champion, the Ollama serving tag and the knowledge-base alias back to the previous release."""
     _setup()
     r = _load(recipe)
@@ -285,28 +300,46 @@ def rollback(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt):
     from registry.promote import restore_aliases, rollback_registry, version_tags
 
     try:
-        version, plan = rollback_registry(settings)
+        version, plan = rollback_registry(settings, reason)
     except ValueError as e:
         _fail(str(e))
     try:
         done = rollback_release(r.deploy, version, version_tags(settings, version))
     except BaseException as e:  # serving could not follow: the registry goes back to what it said before
-        restore_aliases(settings, plan, (settings.aliases.champion, settings.aliases.previous))
+        restore_aliases(settings, plan, (settings.aliases.champion, settings.aliases.previous),
+                        reason=f"rollback to v{version} undone: serving could not follow: {e}")
         _fail(f"rollback failed while moving serving to version {version}, registry left unchanged: {e}")
     typer.echo(json.dumps({"champion": version, "aliases_set": plan.set, "aliases_deleted": list(plan.delete), **done}, indent=2))
 
 
 @app.command()
 def status(mlflow_config: Optional[str] = MlflowOpt,
-           as_json: bool = typer.Option(False, "--json", help="Print the registry state as JSON.")):
-    """Registry state: versions, aliases, key metrics and lineage tags."""
+           as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+           history: bool = typer.Option(False, "--history", help="Print the promotion ledger: every alias move, newest last."),
+           at: Optional[str] = typer.Option(None, "--at", help="Print the version that was champion at this time, e.g. 2026-11-21T10:00:00 (UTC unless an offset is given).")):
+    """Registry state: versions, aliases, key metrics and lineage tags; or the alias history (--history), or
+    the champion at a past time (--at)."""
     from erpops.runtime import setup_process
 
     setup_process()
-    from registry.status import format_state, registry_state
+    from registry import status as st
 
-    state = registry_state(_settings(mlflow_config))
-    typer.echo(json.dumps(state, indent=2, ensure_ascii=False) if as_json else format_state(state))
+    settings = _settings(mlflow_config)
+    if history and at:
+        _fail("--history and --at do not go together", 2)
+    if at:
+        try:
+            state = st.champion_at_state(settings, at)
+        except ValueError as e:
+            _fail(f"--at {at!r} is not an ISO 8601 time (e.g. 2026-11-21T10:00:00): {e}", 2)
+        typer.echo(json.dumps(state, indent=2) if as_json else st.format_champion_at(state))
+        return
+    if history:
+        state = st.history_state(settings)
+        typer.echo(json.dumps(state, indent=2, ensure_ascii=False) if as_json else st.format_history(state))
+        return
+    state = st.registry_state(settings)
+    typer.echo(json.dumps(state, indent=2, ensure_ascii=False) if as_json else st.format_state(state))
 
 
 @app.command()

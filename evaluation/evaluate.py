@@ -17,6 +17,7 @@ from erpops.config import GateConfig
 from erpops.device import Runtime
 from erpops.tracking import Tracker, write_json
 from evaluation.gates import GateVerdict, decide
+from registry.champion import ChampionModel
 from evaluation.scoring import generate_answers, reference_answer, response_nll
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,9 @@ class EvalResult:
     metrics: dict[str, float]
     verdict: GateVerdict
     report_path: Path
+    """eval_report.json: metrics, gate verdict with intervals, per-example rows of both models."""
+    html_path: Path | None = None
+    """gate_report.html, the page users open from the MLflow UI (artifacts > evaluation)."""
 
 
 def load_metric(name: str):
@@ -49,45 +53,103 @@ def load_gguf_model(gguf_path: Path):
 
 
 def score_model(model, tokenizer, examples: list[dict], cfg: GateConfig, runtime: Runtime) -> tuple[dict[str, float], list[dict]]:
-    """ROUGE-L of greedy answers and response perplexity, plus speed; and per-example rows."""
+    """Score greedy answers and reference likelihood; measure speed and latency. Returns (metrics, rows).
+
+    metrics: rouge_l, exact_match, keyword_coverage, language_agreement (means over examples);
+    perplexity and nll (token-weighted over all assistant turns; nll = log perplexity, nats per token);
+    answer_tokens_per_s (batched generation); latency_p50_s / latency_p95_s (the first
+    cfg.latency_samples examples answered one at a time); examples; and module/<module>/<metric> for
+    breakdown.MODULE_METRICS, with module/<module>/n.
+    rows: one per example with id, module, lang, question, answer, reference and the per-example
+    rouge_l, exact_match, keyword_coverage, language_agreement, perplexity and nll (the pairs the gate
+    compares by id).
+    """
+    import math
+
+    from evaluation.breakdown import MODULE_METRICS, per_module, percentiles
+    from evaluation.scoring import answer_latencies, question_text
+
     t0 = time.perf_counter()
     answers = generate_answers(model, tokenizer, examples, runtime, cfg.max_new_tokens, cfg.batch_size)
     gen_s = time.perf_counter() - t0
+    latencies = percentiles(answer_latencies(model, tokenizer, examples[: cfg.latency_samples], runtime,
+                                             cfg.max_new_tokens))
+    questions = [question_text(e) for e in examples]
     references = [reference_answer(e) for e in examples]
-    rouge = load_metric("rouge_l").compute(predictions=answers, references=references)
+    scores = {
+        "rouge_l": load_metric("rouge_l").compute(predictions=answers, references=references),
+        "exact_match": load_metric("exact_match").compute(predictions=answers, references=references),
+        "keyword_coverage": load_metric("keyword_coverage").compute(predictions=answers, references=references),
+        "language_agreement": load_metric("language_agreement").compute(predictions=answers, questions=questions),
+    }
     nll = response_nll(model, tokenizer, examples, runtime)
     ppl = load_metric("perplexity").compute(nll=nll.nll, n_tokens=nll.tokens)
     new_tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
-    metrics = {
-        "rouge_l": rouge["rouge_l"],
+
+    rows = [{"id": e["id"], "module": e["module"], "lang": e["lang"], "question": q, "answer": a, "reference": r}
+            for e, q, a, r in zip(examples, questions, answers, references)]
+    for name, result in scores.items():
+        for row, value in zip(rows, result[f"{name}_per_example"]):
+            row[name] = value
+    for row, p, n in zip(rows, ppl["perplexity_per_example"], nll.per_token):
+        row["perplexity"], row["nll"] = p, n
+
+    metrics = {name: result[name] for name, result in scores.items()}
+    metrics |= {
         "perplexity": ppl["perplexity"],
+        "nll": math.log(ppl["perplexity"]),
         "answer_tokens_per_s": new_tokens / gen_s,
+        "latency_p50_s": latencies["p50"],
+        "latency_p95_s": latencies["p95"],
         "examples": float(len(examples)),
     }
-    rows = [{"id": e["id"], "module": e["module"], "lang": e["lang"], "answer": a, "reference": r,
-             "rouge_l": s, "perplexity": p}
-            for e, a, r, s, p in zip(examples, answers, references, rouge["rouge_l_per_example"], ppl["perplexity_per_example"])]
+    for module, stats in per_module(rows, list(MODULE_METRICS)).items():
+        metrics |= {f"module/{module}/{k}": v for k, v in stats.items()}
     return metrics, rows
 
 
-def evaluate_candidate(cfg: GateConfig, gguf_path: Path, eval_examples: list[dict], champion: dict[str, float] | None,
+def evaluate_candidate(cfg: GateConfig, gguf_path: Path, eval_examples: list[dict], champion: ChampionModel | None,
                        out_dir: Path, runtime: Runtime, tracker: Tracker | None = None) -> EvalResult:
+    """Score the candidate GGUF and, when there is a champion, the champion's GGUF on the same examples;
+    gate with `evaluation.gates.decide` (paired bootstrap) and write the JSON and HTML gate reports."""
+    from evaluation.gate_report import render_gate_report
+
     examples = sorted(eval_examples, key=lambda e: e["id"])[: cfg.max_examples]
     if not examples:
         raise ValueError("the eval split is empty: nothing to gate on")
+    metrics, rows = _score_gguf(gguf_path, examples, cfg, runtime)
+    champion_metrics, champion_rows = None, None
+    if champion is not None:
+        if champion.gguf is not None:
+            champion_metrics, champion_rows = _score_gguf(champion.gguf, examples, cfg, runtime)
+        else:  # its artifacts are gone: the stored metrics are shown, and without rows the gate holds
+            champion_metrics = champion.metrics or {}
+    verdict = decide(metrics, champion_metrics, cfg, rows, champion_rows)
+    log.info("eval: rouge_l %.4f perplexity %.2f -> %s", metrics["rouge_l"], metrics["perplexity"], verdict.verdict)
+    for r in verdict.reasons:
+        log.info("  gate: %s", r)
+    report = {"model": str(gguf_path), "champion_version": champion.version if champion else None, "metrics": metrics,
+              "champion_metrics": champion_metrics, "gate": verdict.to_dict(), "examples": rows,
+              "champion_examples": champion_rows}
+    path = write_json(out_dir / "eval_report.json", report)
+    html = render_gate_report(verdict, metrics, champion_metrics, rows, champion_rows, out_dir / "gate_report.html",
+                              title=f"erpops gate: {gguf_path.name} vs "
+                                    f"{'champion v' + champion.version if champion else 'no champion'}")
+    if tracker:
+        tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
+        if champion_metrics:
+            tracker.log_metrics({f"eval_champion/{k}": v for k, v in champion_metrics.items()})
+        for c in verdict.comparisons:
+            tracker.log_metrics({f"gate/{c.metric}/delta": c.delta, f"gate/{c.metric}/low": c.low, f"gate/{c.metric}/high": c.high})
+        tracker.set_tags({"gate.verdict": verdict.verdict, "gate.champion_version": champion.version if champion else "none"})
+        tracker.log_artifact(path, "evaluation")
+        tracker.log_artifact(html, "evaluation")
+    return EvalResult(metrics, verdict, path, html)
+
+
+def _score_gguf(gguf_path: Path, examples: list[dict], cfg: GateConfig, runtime: Runtime) -> tuple[dict[str, float], list[dict]]:
     model, tokenizer = load_gguf_model(gguf_path)
     model.to(runtime.device)
     metrics, rows = score_model(model, tokenizer, examples, cfg, runtime)
     metrics["size_mb"] = gguf_path.stat().st_size / 1e6
-    verdict = decide(metrics, champion, cfg)
-    log.info("eval: rouge_l %.4f perplexity %.2f -> %s", metrics["rouge_l"], metrics["perplexity"], verdict.verdict)
-    for r in verdict.reasons:
-        log.info("  gate: %s", r)
-    report = {"model": str(gguf_path), "metrics": metrics, "champion_metrics": champion, "gate": verdict.to_dict(),
-              "examples": rows}
-    path = write_json(out_dir / "eval_report.json", report)
-    if tracker:
-        tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
-        tracker.set_tags({"gate.verdict": verdict.verdict})
-        tracker.log_dict(report, "evaluation/eval_report.json")
-    return EvalResult(metrics, verdict, path)
+    return metrics, rows

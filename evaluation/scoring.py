@@ -1,4 +1,5 @@
-"""Model scoring shared by the optimize and evaluate stages: response NLL and batched greedy answers."""
+"""Model scoring shared by the optimize and evaluate stages: response NLL, batched greedy answers, and
+one-at-a-time answer latency."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ class NLL:
         import math
 
         return math.exp(sum(self.nll) / max(1, sum(self.tokens)))
+
+    @property
+    def per_token(self) -> list[float]:
+        """Mean NLL per assistant token, per example (nats; NaN for an example with no scored token)."""
+        return [x / n if n else float("nan") for x, n in zip(self.nll, self.tokens)]
 
 
 def response_nll(model, tokenizer, examples: list[dict], runtime: Runtime, batch_size: int = 8) -> NLL:
@@ -69,5 +75,25 @@ def generate_answers(model, tokenizer, examples: list[dict], runtime: Runtime, m
     return answers
 
 
+def answer_latencies(model, tokenizer, examples: list[dict], runtime: Runtime, max_new_tokens: int) -> list[float]:
+    """Seconds to answer each example alone (batch of one, greedy): what a chat user waits for a reply."""
+    import time
+
+    latencies = []
+    for example in examples:
+        t0 = time.perf_counter()
+        generate_answers(model, tokenizer, [example], runtime, max_new_tokens, batch_size=1)
+        latencies.append(time.perf_counter() - t0)
+    return latencies
+
+
 def reference_answer(example: dict) -> str:
+    """The last assistant turn: the reply the generated answer is compared with."""
     return [m for m in example["messages"] if m["role"] == "assistant"][-1]["content"]
+
+
+def question_text(example: dict) -> str:
+    """The last user turn before the last assistant turn: the question the generated answer replies to."""
+    messages = example["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return [m for m in messages[:last] if m["role"] == "user"][-1]["content"]

@@ -26,8 +26,9 @@ from erpops.runtime import git_commit, setup_process
 from erpops.summary import RunSummary
 from erpops.tracking import Tracker
 from evaluation.evaluate import evaluate_candidate
-from registry.promote import (champion_metrics, log_shipped_model, register_version,
-                              restore_aliases, tag_version)
+from evaluation.retrieval import read_golden
+from registry.champion import fetch_champion
+from registry.promote import log_shipped_model, register_version, restore_aliases, tag_version
 from training.base_model import MODELS_DIR, load_tokenizer, resolve_base_model
 from training.launch import train as train_stage
 from training.optimize import optimize_model
@@ -38,7 +39,7 @@ validate_task = task(validate_data, name="validate", cache_policy=NO_CACHE)
 base_model_task = task(resolve_base_model, name="base-model", cache_policy=NO_CACHE)
 train_task = task(train_stage, name="train", cache_policy=NO_CACHE)
 optimize_task = task(optimize_model, name="optimize", cache_policy=NO_CACHE)
-champion_task = task(champion_metrics, name="champion-metrics", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+champion_task = task(fetch_champion, name="fetch-champion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 evaluate_task = task(evaluate_candidate, name="evaluate", cache_policy=NO_CACHE)
 register_task = task(register_version, name="register", cache_policy=NO_CACHE)
 kb_task = task(deploy_knowledge_base, name="deploy-knowledge-base", cache_policy=NO_CACHE)
@@ -98,43 +99,57 @@ def _run_stages(recipe, settings, runtime, run_dir, tracker, summary, commit) ->
 
     with summary.stage("optimize") as s:
         opt = optimize_task(recipe.optimize, base, trained.adapter_dir, eval_examples[: recipe.gate.max_examples],
-                            run_dir, runtime, tracker)
-        shipped, modelfile, spec = opt.gguf[recipe.optimize.ship], opt.modelfile, opt.modelfile_spec
+                            run_dir, runtime, tracker, calibration_examples=read_examples(data.train_path))
+        shipped, modelfile, spec = opt.gguf[opt.shipped], opt.modelfile, opt.modelfile_spec
         s.outputs = {"merged_model": str(opt.merged_dir), "int8_backend": opt.int8_backend,
                      "pruning": opt.pruning.reason if opt.pruning else "off",
+                     "int8": opt.int8.reason if opt.int8 else "", "shipped": opt.shipped, "ship_reason": opt.ship_reason,
                      "variants": [asdict(v) for v in opt.variants], "modelfile": str(modelfile),
                      **{f"gguf_{k}": str(g.path) for k, g in opt.gguf.items()}}
     summary.outputs.update({"merged_model": str(opt.merged_dir), "modelfile": str(modelfile),
                             **{f"gguf_{k}": str(g.path) for k, g in opt.gguf.items()}})
 
     with summary.stage("evaluate") as s:
-        champion = champion_task(settings)
+        champion = champion_task(settings, run_dir / "champion")
         result = evaluate_task(recipe.gate, shipped.path, eval_examples, champion, run_dir, runtime, tracker)
-        s.outputs = {"metrics": result.metrics, "verdict": result.verdict.verdict, "reasons": result.verdict.reasons,
-                     "champion": champion, "report": str(result.report_path)}
-    summary.metrics.update(result.metrics)
+        s.outputs = {"metrics": {k: v for k, v in result.metrics.items() if not k.startswith("module/")},
+                     "verdict": result.verdict.verdict, "reasons": result.verdict.reasons,
+                     "champion_version": champion.version if champion else None, "report": str(result.report_path),
+                     "html_report": str(result.html_path)}
+    summary.metrics.update({k: v for k, v in result.metrics.items() if not k.startswith("module/")})
 
     with summary.stage("promote") as s:
         model_uri = log_shipped_model(tracker.run_id, settings.tracking_uri, shipped.path, modelfile)
         lineage = {"git_commit": commit, "dataset_digest": data.digest, "recipe_hash": recipe.digest(),
                    "data_contract": "passed", "gate_verdict": result.verdict.verdict, "gguf_sha256": shipped.sha256,
                    "gguf_type": shipped.kind, "mlflow_run_id": tracker.run_id}
-        version, plan = register_task(settings, model_uri, tracker.run_id, lineage, result.verdict.passed)
-        s.outputs = {"model_version": version, "aliases_set": plan.set}
+        # compare-and-set: the champion moves only if it is still the one the gate compared against
+        version, plan = register_task(settings, model_uri, tracker.run_id, lineage, result.verdict.passed,
+                                      expected_champion=champion.version if champion else None)
+        s.outputs = {"model_version": version, "aliases_set": plan.set, "verdict": result.verdict.verdict}
+        if plan.skipped:
+            s.outputs["promotion_skipped"] = plan.skipped
     summary.outputs["model_version"] = version
 
-    if not result.verdict.passed:
-        summary.skip_rest("gate rejected the candidate: " + "; ".join(c.reason for c in result.verdict.checks if not c.passed))
+    if not result.verdict.passed or plan.skipped:
+        why = plan.skipped or result.verdict.headline or result.verdict.verdict
+        summary.skip_rest(f"gate verdict {result.verdict.verdict}, champion unchanged: {why}")
         return
     aliases_moved = (settings.aliases.champion, settings.aliases.previous)
     with summary.stage("deploy_kb") as s:
         try:
-            kb = kb_task(recipe.deploy, data.docs, f"v{version}")
+            golden_path = recipe.data.root / "golden_queries.jsonl"
+            golden = read_golden(golden_path) if golden_path.is_file() else None
+            kb = kb_task(recipe.deploy, data.docs, f"v{version}", golden)
         except BaseException:
             restore_aliases(settings, plan, aliases_moved)
             raise
         s.outputs = {"collection": kb.collection, "alias": kb.alias, "rows": kb.rows,
-                     "previous_collection": kb.previous_collection}
+                     "previous_collection": kb.previous_collection,
+                     "retrieval": kb.retrieval["metrics"] if kb.retrieval else "no golden_queries.jsonl"}
+        if kb.retrieval:
+            tracker.log_metrics({f"kb/{k}": v for k, v in kb.retrieval["metrics"].items()})
+            tracker.log_dict(kb.retrieval, "evaluation/retrieval.json")
     summary.outputs["collection"] = kb.collection
     tags = {"deploy.collection": kb.collection}
     with summary.stage("deploy_ollama") as s:

@@ -1,8 +1,16 @@
-"""Registry state for humans and machines: `erpops status [--json]`."""
+"""Registry state for humans and machines.
+
+    erpops status [--json]                          # versions, aliases, key metrics, lineage
+    erpops status --history [--json]                # the promotion ledger, newest last
+    erpops status --at 2026-11-21T10:00:00 [--json] # the champion at that time (UTC)
+"""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from erpops.config import MLflowSettings
+from registry import ledger
 
 KEY_METRICS = ("eval/rouge_l", "eval/perplexity", "eval/size_mb", "train/final_loss")
 
@@ -47,3 +55,43 @@ def format_state(state: dict) -> str:
                      f" rouge_l={m.get('eval/rouge_l', float('nan')):.4f} ppl={m.get('eval/perplexity', float('nan')):.2f}"
                      f" data={v['tags'].get('dataset_digest', '')[:12]}")
     return "\n".join(lines)
+
+
+
+def history_state(settings: MLflowSettings) -> dict:
+    """The ledger (oldest first), where it is stored, and any managed alias where it and the registry disagree."""
+    import mlflow
+
+    from registry.promote import current_aliases
+
+    entries = ledger.read_ledger(settings)
+    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    drift = ledger.ledger_drift(entries, current_aliases(client, settings.registered_model_name), settings.aliases)
+    return {"model": settings.registered_model_name, "ledger": f"{ledger.ledger_path(settings)} (table {ledger.TABLE})",
+            "entries": [e.to_dict() for e in entries],
+            "drift": {a: {"ledger": led, "registry": reg} for a, (led, reg) in drift.items()}}
+
+
+def format_history(state: dict) -> str:
+    lines = [f"model {state['model']}  alias ledger: {state['ledger']}",
+             ledger.format_history([ledger.LedgerEntry(**e) for e in state["entries"]])]
+    for alias, d in state["drift"].items():
+        lines.append(f"  note: {alias} is {_v(d['registry'])} in the registry but {_v(d['ledger'])} per the ledger "
+                     "(moved before the ledger existed, outside erpops, or the ledger write was lost)")
+    return "\n".join(lines)
+
+
+def champion_at_state(settings: MLflowSettings, when: str | datetime) -> dict:
+    """Which version was champion at `when` (naive times are UTC), per the ledger."""
+    t = ledger.parse_when(when)
+    return {"model": settings.registered_model_name, "at": t.isoformat(), "champion": ledger.champion_at(settings, t)}
+
+
+def format_champion_at(state: dict) -> str:
+    if state["champion"] is None:
+        return f"no champion of {state['model']} at {state['at']} (per the alias ledger)"
+    return f"champion of {state['model']} at {state['at']}: v{state['champion']}"
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version else "none"

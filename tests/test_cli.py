@@ -58,3 +58,44 @@ def test_status_json_on_an_empty_store(tmp_path):
     assert proc.returncode == 0, proc.stderr
     state = json.loads(proc.stdout)
     assert state["versions"] == [] and state["model"] == "erp-assistant"
+
+
+def _store(tmp_path, verdicts):
+    """A registry with one version per gate verdict (folders as sources: enough for alias moves) and v1 champion."""
+    import mlflow
+
+    from erpops.config import MLflowSettings
+    from registry.promote import promote_version
+
+    settings = MLflowSettings(tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    client = mlflow.MlflowClient(settings.tracking_uri, settings.tracking_uri)
+    client.create_registered_model(settings.registered_model_name)
+    for i, verdict in enumerate(verdicts):
+        (tmp_path / f"src{i}").mkdir()
+        client.create_model_version(settings.registered_model_name, str(tmp_path / f"src{i}"), tags={"gate_verdict": verdict})
+    promote_version(settings, "1")
+    return {"MLFLOW_TRACKING_URI": settings.tracking_uri, "ERPOPS_TRIGGER": "ci"}
+
+
+def test_promote_past_the_gate_needs_force_and_reason_and_shows_in_history(tmp_path):
+    env = _store(tmp_path, ["promote", "reject"])
+    proc = erpops("promote", "2", env=env)
+    assert proc.returncode == 1 and "'reject', not 'promote'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = erpops("promote", "2", "--force", "--reason", "eval set outdated", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["aliases_set"] == {"champion": "2", "previous": "1"}
+
+    history = json.loads(erpops("status", "--history", "--json", env=env).stdout)
+    moves = [(e["alias"], e["from_version"], e["to_version"], e["action"], e["actor"]) for e in history["entries"]]
+    assert moves[-2:] == [("champion", "1", "2", "force-promote", "ci"), ("previous", None, "1", "force-promote", "ci")]
+    assert history["entries"][-1]["reason"] == "eval set outdated" and history["drift"] == {}
+    table = erpops("status", "--history", env=env).stdout.splitlines()
+    assert table[-1].split()[2:] == ["previous", "-", "->", "v1", "force-promote", "ci", "eval", "set", "outdated"]
+
+    first = history["entries"][0]["at"]  # v1 became champion then; v2 later
+    proc = erpops("status", "--at", first.replace("+00:00", ""), env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith(": v1")
+    proc = erpops("status", "--at", "1999-01-01T00:00:00", "--json", env=env)
+    assert json.loads(proc.stdout)["champion"] is None
+    proc = erpops("status", "--at", "last tuesday", env=env)
+    assert proc.returncode == 2 and "ISO 8601" in proc.stderr

@@ -1,3 +1,4 @@
+import copy
 from pathlib import Path
 
 import pytest
@@ -80,8 +81,12 @@ def test_gguf_export_reads_back_and_agrees(tiny, tiny_model_dir, tmp_path):
     exports = export_and_verify(tiny, tok, tiny_model_dir, tmp_path, ["f16"], prompts, {"f16": 0.95})
     g = exports["f16"]
     assert g.path.is_file() and g.tokenizer_match and g.agreement >= 0.95 and len(g.sha256) == 64
-    with pytest.raises(GGUFVerificationError, match="agreement"):
-        export_and_verify(tiny, tok, tiny_model_dir, tmp_path / "strict", ["f16"], prompts, {"f16": 1.01})
+    strict = export_and_verify(tiny, tok, tiny_model_dir, tmp_path / "strict", ["f16"], prompts, {"f16": 1.01})["f16"]
+    assert not strict.passed and "agreement" in strict.problem
+    from training.optimize import choose_gguf
+
+    with pytest.raises(GGUFVerificationError, match="no GGUF export can ship"):
+        choose_gguf("f16", {"f16": strict}, 1.02)
 
 
 def test_logged_adapter_and_merged_model_load_back_with_identical_logits(tiny_model_dir, corpus, tmp_path, mlflow_settings):
@@ -101,8 +106,8 @@ def test_logged_adapter_and_merged_model_load_back_with_identical_logits(tiny_mo
     data = validate_data(data_cfg(corpus), tmp_path / "data")
     recipe = Recipe.model_validate({"name": "t", "model": {"source": "tiny"},
                                     "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "precision": "fp32"},
-                                    "optimize": {"int8_backend": "torchao", "verify_prompts": 2,
-                                                 "min_agreement": {"f16": 0.9, "q8_0": 0.5}}})
+                                    "optimize": {"prune_method": "magnitude", "int8_backend": "torchao", "verify_prompts": 2,
+                                                 "speed_prompts": 1, "min_agreement": {"f16": 0.9, "q8_0": 0.5}}})
     runtime = Runtime("cpu", "float32")
     tracker = Tracker.start(mlflow_settings, "opt")
     trained = train_lora(recipe, tiny_model_dir, read_examples(data.train_path), tmp_path, runtime, tracker)
@@ -118,6 +123,12 @@ def test_logged_adapter_and_merged_model_load_back_with_identical_logits(tiny_mo
     ids = torch.tensor([[1, 20, 300, 4000, 50, 7]])
     with torch.no_grad():
         assert torch.equal(rebuilt(input_ids=ids).logits, logged(input_ids=ids).logits)
+    # the per-variant table, as metrics and as an artifact
+    metrics = tracker.client.get_run(tracker.run_id).data.metrics
+    for v in ("merged_fp32", "int8_torchao"):
+        assert {f"optimize/{v}/{k}" for k in ("perplexity", "ppl_ratio", "size_mb", "tokens_per_s", "memory_mb")} <= set(metrics)
+    assert "optimize/gguf_q8_0_over_f16_size" in metrics
+    assert "variants.txt" in [a.path.split("/")[-1] for a in tracker.client.list_artifacts(tracker.run_id, "optimize")]
 
 
 def test_pruning_decision_is_a_pure_threshold():
@@ -130,7 +141,9 @@ def test_pruning_decision_is_a_pure_threshold():
     assert not decide_pruning(0.0, 5.0, 1.10).keep
 
 
-def test_failed_pruning_falls_back_to_the_unpruned_model(tiny_model_dir, corpus, tmp_path):
+def test_failed_pruning_and_quantization_fall_back(tiny_model_dir, corpus, tmp_path):
+    """Thresholds no variant can meet: the unpruned model, no int8 model and the f16 GGUF ship; lenient
+    thresholds: the pruned model, the saved int8 model and the Q8_0 GGUF."""
     import json
 
     from conftest import data_cfg
@@ -138,25 +151,122 @@ def test_failed_pruning_falls_back_to_the_unpruned_model(tiny_model_dir, corpus,
     from data_contracts.validate import validate_data
     from erpops.config import Recipe
     from training.lora import train_lora
-    from training.optimize import optimize_model
+    from training.optimize import load_int8, optimize_model
 
     data = validate_data(data_cfg(corpus), tmp_path / "data")
     runtime = Runtime("cpu", "float32")
     recipe = Recipe.model_validate({"name": "t", "model": {"source": "tiny"}, "train": {"max_steps": 2, "precision": "fp32"}})
-    trained = train_lora(recipe, tiny_model_dir, read_examples(data.train_path), tmp_path, runtime)
+    train = read_examples(data.train_path)
+    trained = train_lora(recipe, tiny_model_dir, train, tmp_path, runtime)
     evals = read_examples(data.eval_path)[:4]
-    strict = OptimizeConfig(int8_backend="torchao", gguf_types=["f16"], ship="f16", verify_prompts=2,
-                            max_prune_ppl_ratio=0.5)  # no pruned model can pass: the fallback must run
-    result = optimize_model(strict, tiny_model_dir, trained.adapter_dir, evals, tmp_path / "strict", runtime)
+    strict = OptimizeConfig(prune_method="wanda", calibration_examples=4, int8_backend="torchao", gguf_types=["f16", "q8_0"],
+                            ship="q8_0", verify_prompts=2, min_agreement={"f16": 0.95, "q8_0": 0.5}, speed_prompts=1,
+                            max_prune_ppl_ratio=0.5, max_quant_ppl_ratio=0.5)  # nothing can pass: every fallback runs
+    result = optimize_model(strict, tiny_model_dir, trained.adapter_dir, evals, tmp_path / "strict", runtime,
+                            calibration_examples=train)
     assert result.pruning is not None and not result.pruning.keep
+    assert not result.int8.keep and result.int8_dir is None and "falling back" in result.int8.reason
+    assert result.shipped == "f16" and "f16 GGUF ships instead" in result.ship_reason
+    assert "model-f16.gguf" in result.modelfile.read_text() and "model-q8_0" not in result.modelfile.read_text()
     from transformers import AutoModelForCausalLM
 
     shipped = AutoModelForCausalLM.from_pretrained(result.merged_dir)
     assert overall_sparsity(shipped) < 0.01  # the unpruned weights shipped
     saved = json.loads((tmp_path / "strict" / "optimize.json").read_text())
-    assert saved["pruning"]["keep"] is False and "pruned_30pct_fp32" in [v["name"] for v in saved["variants"]]
+    assert saved["pruning"]["keep"] is False and saved["shipped"] == "f16"
+    names = [v["name"] for v in saved["variants"]]
+    assert names == ["merged_fp32", "pruned_wanda_30pct", "int8_torchao", "gguf_f16", "gguf_q8_0"]
+    assert all(v["perplexity"] > 0 for v in saved["variants"])
+    assert saved["variants"][0]["tokens_per_s"] > 0 and saved["variants"][2]["memory_mb"] < saved["variants"][0]["memory_mb"]
 
-    lenient = strict.model_copy(update={"max_prune_ppl_ratio": 100.0})
-    result = optimize_model(lenient, tiny_model_dir, trained.adapter_dir, evals, tmp_path / "lenient", runtime)
-    assert result.pruning.keep
-    assert abs(overall_sparsity(AutoModelForCausalLM.from_pretrained(result.merged_dir)) - 0.3) < 0.01
+    lenient = strict.model_copy(update={"max_prune_ppl_ratio": 100.0, "max_quant_ppl_ratio": 100.0})
+    result = optimize_model(lenient, tiny_model_dir, trained.adapter_dir, evals, tmp_path / "lenient", runtime,
+                            calibration_examples=train)
+    assert result.pruning.keep and result.int8.keep and result.shipped == "q8_0"
+    assert abs(overall_sparsity(AutoModelForCausalLM.from_pretrained(result.merged_dir)) - 0.3) < 0.02
+    assert load_int8(result.int8_dir) is not None
+
+
+def test_choose_gguf_is_a_pure_decision():
+    from pathlib import Path
+
+    from training.gguf import GGUFExport, GGUFVerificationError
+    from training.optimize import choose_gguf
+
+    def g(kind, ppl, passed=True):
+        return GGUFExport(kind, Path(f"model-{kind}.gguf"), 1.0, "x", 0.99, True, ppl, passed, "" if passed else "agreement 0.5")
+
+    assert choose_gguf("q8_0", {"f16": g("f16", 10.0), "q8_0": g("q8_0", 10.05)}, 1.01)[0] == "q8_0"
+    kind, why = choose_gguf("q8_0", {"f16": g("f16", 10.0), "q8_0": g("q8_0", 10.5)}, 1.01)
+    assert kind == "f16" and "1.0500x" in why
+    kind, why = choose_gguf("q8_0", {"f16": g("f16", 10.0), "q8_0": g("q8_0", 10.0, passed=False)}, 1.01)
+    assert kind == "f16" and "failed verification" in why
+    assert choose_gguf("q8_0", {"q8_0": g("q8_0", 10.0)}, 1.01)[0] == "q8_0"  # no f16 to compare with
+    with pytest.raises(GGUFVerificationError):
+        choose_gguf("q8_0", {"f16": g("f16", 10.0, False), "q8_0": g("q8_0", 10.0, False)}, 1.01)
+
+
+def test_wanda_prunes_each_row_by_weight_times_activation(tiny, tiny_model_dir):
+    """Every row loses exactly the share asked for, and which weights go depends on the activations:
+    magnitude alone would pick other ones."""
+    from transformers import AutoTokenizer
+
+    from training.optimize import calibration_inputs, prunable_linears, wanda_prune
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    convo = lambda q: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "전표입력 메뉴입니다."}]}
+    calib = calibration_inputs(tok, [convo("전표 입력은 어디서 하나요?"), convo("How do I post a goods receipt?")], 64)
+    by_wanda, by_magnitude = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    sparsity = wanda_prune(by_wanda, 0.3, calib)
+    magnitude_prune(by_magnitude, 0.3)
+    assert set(sparsity) == {n for n, _ in prunable_linears(tiny)}
+    differs = 0
+    for (name, w), (_, m) in zip(prunable_linears(by_wanda), prunable_linears(by_magnitude)):
+        zeros_per_row = (w.weight == 0).sum(dim=1)
+        assert torch.all(zeros_per_row == int(w.in_features * 0.3)), name
+        differs += int(((w.weight == 0) != (m.weight == 0)).sum())
+    assert differs > 0
+
+
+@pytest.mark.parametrize("backend", ["torchao", "quanto"])
+def test_int8_models_save_and_load_back_with_the_same_outputs(tiny, tiny_model_dir, tmp_path, backend):
+    from transformers import AutoTokenizer
+
+    from training.optimize import load_int8, quantize_int8, save_int8
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    q = quantize_int8(tiny, backend, tiny_model_dir)
+    folder = save_int8(q, backend, tok, tmp_path / backend)
+    back = load_int8(folder)
+    ids = tok("재고 이동 전표를 어떻게 입력하나요?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(q(input_ids=ids).logits, back(input_ids=ids).logits)
+    assert type(back.model.layers[0].self_attn.q_proj) is type(q.model.layers[0].self_attn.q_proj)
+
+
+@pytest.mark.slow
+def test_llama_cpp_generates_what_transformers_generates_from_the_gguf(tiny_model_dir, tmp_path):
+    """The exported GGUF in llama.cpp itself (the engine Ollama runs): its tokenizer gives the same ids,
+    and its greedy continuation of held-out prompts matches transformers reading the same file."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (make llamacpp)")
+    from itertools import islice
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.gguf import convert
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = convert(tiny_model_dir, tmp_path / "model-f16.gguf", "f16")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    prompts = ["<|im_start|>user\n재고 이동은 어떻게 하나요?<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\nHow do I post a journal entry?<|im_end|>\n<|im_start|>assistant\n"]
+    agree = total = 0
+    for p in prompts:
+        ids = tok(p, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(p.encode(), add_bos=False, special=True) == ids
+        ours = back.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+        theirs = list(islice(llm.generate(ids, temp=0.0, top_k=1, reset=True), len(ours)))
+        agree += sum(a == b for a, b in zip(theirs, ours))
+        total += len(ours)
+    assert agree / total >= 0.9  # f16 vs fp32 arithmetic: a near-tie in a random model may flip

@@ -14,13 +14,20 @@ from conftest import REPO
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _recipe(tmp_path: Path, corpus: Path) -> Path:
+def _recipe(tmp_path: Path, corpus: Path, *edits: tuple[str, str], name: str = "recipe") -> Path:
     text = (REPO / "recipes" / "tiny" / "test.yaml").read_text()
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new)
     text = text.replace("root: data/erp", f"root: {corpus}").replace("output_root: .erpops/runs", f"output_root: {tmp_path / 'runs'}")
     text = text.replace("milvus_uri: .erpops/milvus.db", f"milvus_uri: {tmp_path / 'milvus.db'}")
-    path = tmp_path / "recipe.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(text)
     return path
+
+
+def aliases_of(client, name: str) -> dict[str, str]:
+    return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
 
 
 @pytest.fixture
@@ -39,6 +46,9 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
     from flows.pipeline import pipeline
     from ollama_double import OllamaDouble
 
+    (corpus / "golden_queries.jsonl").write_text(json.dumps(
+        {"id": "g1", "lang": "en", "query": "How are approval lines and delegation set up?",
+         "relevant_doc": "approvals_guide_en.md"}) + "\n", encoding="utf-8")
     recipe_path = _recipe(tmp_path, corpus)
     recipe = load_recipe(recipe_path)
     settings = load_mlflow_settings(env)
@@ -67,6 +77,7 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
         assert tags["recipe_hash"] == recipe.digest()
         run = client.get_run(summary["mlflow_run_id"])
         assert "train/loss" in run.data.metrics and "eval/rouge_l" in run.data.metrics
+        assert summary["stages"][5]["outputs"]["retrieval"]["queries"] == 1 and "kb/hit_at_5" in run.data.metrics
         assert {i.dataset.digest for i in run.inputs.dataset_inputs} == {tags["dataset_digest"][:36]}
         artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
         assert {"run_summary.json", "adapter", "data_contracts"} <= artifacts
@@ -104,14 +115,37 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
         with V.open_milvus(recipe.deploy.milvus_uri) as client_kb:
             assert V.alias_target(client_kb, recipe.deploy.collection_alias) == out["collection"]
 
-        # fix the data; a second good run becomes champion, the first previous; then roll back
+        # fix the data; the same recipe again gives the same model: no evidence of a difference, the gate holds
         lines = (corpus / "qa_pairs.jsonl").read_text(encoding="utf-8").splitlines()
         (corpus / "qa_pairs.jsonl").write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
-        second = pipeline(str(recipe_path), str(env), run_name="second")
-        v1, v2 = out["model_version"], second["outputs"]["model_version"]
-        assert second["stages"][3]["outputs"]["champion"] is not None  # gated against the champion
-        assert {a: str(v) for a, v in client.get_registered_model(name).aliases.items()} == {
-            "candidate": v2, "champion": v2, "previous": v1}
+        v1 = out["model_version"]
+        same = pipeline(str(recipe_path), str(env), run_name="same")
+        gate = same["stages"][3]["outputs"]
+        assert gate["champion_version"] == v1 and gate["verdict"] == "hold"
+        assert [s["status"] for s in same["stages"][5:]] == ["skipped", "skipped"]
+        report = json.loads(Path(gate["report"]).read_text())
+        assert {c["outcome"] for c in report["gate"]["comparisons"]} == {"same"}
+        assert "<img src=\"data:image/png;base64," in Path(gate["html_report"]).read_text()
+        v_same = same["outputs"]["model_version"]
+        assert aliases_of(client, name) == {"candidate": v_same, "champion": v1}
+
+        # a worse model (one training step) is rejected, with the metric that regressed named. The tiny
+        # model moves little in 8 steps (nll +0.06 nats), so this run allows 0.01 instead of 0.05
+        worse_recipe = _recipe(tmp_path, corpus, ("max_steps: 8", "max_steps: 1"),
+                               ("max_perplexity: 1.0e+9", "max_perplexity: 1.0e+9\n  tolerances: {nll: 0.01}"), name="worse")
+        worse = pipeline(str(worse_recipe), str(env), run_name="worse")
+        gate = worse["stages"][3]["outputs"]
+        assert gate["verdict"] == "reject" and any("nll" in r and "worse" in r for r in gate["reasons"])
+        assert aliases_of(client, name)["champion"] == v1
+
+        # a better one (more steps) is promoted: champion moves, the old one becomes previous
+        better = pipeline(str(_recipe(tmp_path, corpus, ("max_steps: 8", "max_steps: 30"), name="better")), str(env),
+                          run_name="better")
+        gate = better["stages"][3]["outputs"]
+        assert gate["verdict"] == "promote", gate["reasons"]
+        v2 = better["outputs"]["model_version"]
+        assert aliases_of(client, name) == {"candidate": v2, "champion": v2, "previous": v1}
+        assert client.get_model_version(name, v2).tags["parent_champion"] == v1
         assert ollama.model("erp-assistant:latest")["copied_from"] == f"erp-assistant:v{v2}"
 
         proc = subprocess.run([sys.executable, "-m", "erpops.cli", "rollback", "--recipe", str(recipe_path),
@@ -125,6 +159,12 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
         with V.open_milvus(recipe.deploy.milvus_uri) as client_kb:
             assert V.alias_target(client_kb, recipe.deploy.collection_alias) == out["collection"]
         assert ollama.model("erp-assistant:latest")["copied_from"] == f"erp-assistant:v{v1}"
+
+        # the ledger tells the story: v1 promoted, v2 promoted over it, then rolled back to v1
+        from registry.ledger import read_ledger
+
+        moves = [(e.action, e.to_version) for e in read_ledger(settings) if e.alias == "champion"]
+        assert moves == [("promote", v1), ("promote", v2), ("rollback", v1)]
 
 
 def test_ui_serves_the_same_store(tmp_path, env):

@@ -79,3 +79,23 @@ def test_redeploying_the_serving_release_never_drops_it_and_first_release_revert
 def test_chunk_overlap_must_be_smaller_than_the_chunk():
     with pytest.raises(ValueError, match="chunk_overlap"):
         DeployConfig(chunk_chars=200, chunk_overlap=200)
+
+
+@pytest.mark.integration
+def test_golden_queries_are_scored_before_the_alias_moves_and_a_floor_blocks_a_bad_release(tmp_path):
+    golden = [{"id": "g1", "lang": "en", "query": "How do I move stock to another warehouse?",
+               "relevant_doc": "inventory_transfer_en.md"},
+              {"id": "g2", "lang": "en", "query": "Who approves annual leave?", "relevant_doc": "hr_leave_en.md"}]
+    cfg = DeployConfig(milvus_uri=str(tmp_path / "kb.db"), collection_alias="kb", chunk_chars=200, retrieval_threshold=0.3)
+    r1 = V.deploy_knowledge_base(cfg, DOCS, "v1", golden)
+    m = r1.retrieval["metrics"]
+    assert m["hit_at_5"] == 1.0 and m["mrr"] == 1.0 and m["queries"] == 2
+    assert [q["rank"] for q in r1.retrieval["per_query"]] == [1, 1]
+
+    # the same questions pointed at documents that are not there: hit@5 0, below the floor, nothing serves
+    wrong = [{**g, "relevant_doc": "missing.md"} for g in golden]
+    strict = cfg.model_copy(update={"min_hit_at_5": 0.5})
+    with pytest.raises(V.KBHealthError, match="hit@5 0.000"):
+        V.deploy_knowledge_base(strict, DOCS, "v2", wrong)
+    with V.open_milvus(cfg.milvus_uri) as client:
+        assert V.alias_target(client, "kb") == "kb_v1" and not client.has_collection("kb_v2")

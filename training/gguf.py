@@ -2,7 +2,9 @@
 
 The check reads each GGUF back with transformers' GGUF loader (a different code path from the
 writer) and compares, position by position over held-out prompts, the next-token choice with the HF
-model, and the tokenizer ids. An export below the recipe's agreement floor fails the stage.
+model, and the tokenizer ids; given held-out examples it also measures the read-back model's response
+perplexity. An export below the recipe's agreement floor is marked failed; which one ships is decided
+by `training.optimize.choose_gguf`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ class GGUFExport:
     agreement: float
     """Share of prompt positions where the GGUF's top token equals the HF model's."""
     tokenizer_match: bool
+    perplexity: float | None = None
+    """Response perplexity of the GGUF as read back (dequantized) by transformers."""
+    passed: bool = True
+    """Agreement at or above the recipe floor and identical tokenizer ids."""
+    problem: str = ""
 
 
 class GGUFVerificationError(RuntimeError):
@@ -68,9 +75,14 @@ def top_token_agreement(model_a, model_b, tokenizer, prompts: list[str]) -> floa
 
 
 def export_and_verify(hf_model, tokenizer, hf_dir: Path, out_dir: Path, kinds: list[str], prompts: list[str],
-                      min_agreement: dict[str, float]) -> dict[str, GGUFExport]:
+                      min_agreement: dict[str, float], eval_examples: list[dict] | None = None,
+                      runtime=None) -> dict[str, GGUFExport]:
+    """Convert `hf_dir` to each GGUF kind and check every file; failures are marked, not raised."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from erpops.device import Runtime
+    from evaluation.scoring import response_nll
 
     out_dir.mkdir(parents=True, exist_ok=True)
     exports = {}
@@ -81,13 +93,16 @@ def export_and_verify(hf_model, tokenizer, hf_dir: Path, out_dir: Path, kinds: l
         agreement = top_token_agreement(hf_model, back, tokenizer, prompts)
         tok_match = all(tokenizer(p, add_special_tokens=False)["input_ids"] == back_tok(p, add_special_tokens=False)["input_ids"]
                         for p in prompts)
-        exports[kind] = GGUFExport(kind, path, path.stat().st_size / 1e6, sha256_file(path), agreement, tok_match)
-        log.info("GGUF %s: %.1f MB, top-token agreement %.3f, tokenizer ids %s", kind, exports[kind].size_mb,
-                 agreement, "match" if tok_match else "DIFFER")
-        del back
+        runtime = runtime or Runtime("cpu", "float32")
+        ppl = response_nll(back.to(runtime.device), tokenizer, eval_examples, runtime).perplexity if eval_examples else None
         floor = min_agreement.get(kind, 0.0)
-        if agreement < floor or not tok_match:
-            raise GGUFVerificationError(
-                f"{path.name}: top-token agreement {agreement:.3f} (floor {floor}) tokenizer ids "
-                f"{'match' if tok_match else 'differ'}: the export does not reproduce the model")
+        problem = "" if agreement >= floor and tok_match else (
+            f"{path.name}: top-token agreement {agreement:.3f} (floor {floor}), tokenizer ids "
+            f"{'match' if tok_match else 'differ'}: the export does not reproduce the model")
+        exports[kind] = GGUFExport(kind, path, path.stat().st_size / 1e6, sha256_file(path), agreement, tok_match,
+                                   ppl, not problem, problem)
+        log.info("GGUF %s: %.1f MB, top-token agreement %.3f, tokenizer ids %s%s%s", kind, exports[kind].size_mb,
+                 agreement, "match" if tok_match else "DIFFER", f", perplexity {ppl:.3f}" if ppl else "",
+                 f" -- FAILED: {problem}" if problem else "")
+        del back
     return exports

@@ -21,7 +21,7 @@ from erpops.device import Runtime
 from erpops.tracking import Tracker, write_json
 from evaluation.scoring import response_nll
 from deployment.modelfile import ModelfileSpec, write_modelfile
-from training.gguf import GGUFExport, export_and_verify
+from training.gguf import GGUFExport, GGUFVerificationError, export_and_verify
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,18 @@ log = logging.getLogger(__name__)
 class Variant:
     name: str
     perplexity: float | None
-    """Response perplexity on held-out examples; None where not measured here (GGUF: see evaluate)."""
+    """Response perplexity on held-out examples; None where not measured."""
     size_mb: float
+    """Size on disk (the state dict as torch.save writes it; the file itself for GGUF)."""
     sparsity: float
     seconds: float
     """Time spent building and scoring the variant."""
+    tokens_per_s: float | None = None
+    """Greedy decoding speed, one request at a time (None where not measured)."""
+    memory_mb: float | None = None
+    """Memory the weights take once loaded (CUDA: peak allocated while generating)."""
+    ppl_ratio: float | None = None
+    """Perplexity relative to the full-precision model it was made from."""
 
 
 @dataclass
@@ -45,36 +52,74 @@ class OptimizeResult:
     int8_backend: str = ""
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     gguf: dict[str, GGUFExport] = field(default_factory=dict)
-    pruning: PruneDecision | None = None
+    pruning: Decision | None = None
     """Whether the pruned model was kept, and why (None when pruning is off)."""
     modelfile: Path | None = None
     """Ollama Modelfile written beside the shipped GGUF."""
     modelfile_spec: ModelfileSpec | None = None
+    int8: Decision | None = None
+    """Whether the int8 model was accepted (and saved), and why."""
+    int8_dir: Path | None = None
+    shipped: str = ""
+    """The GGUF kind that ships (the recipe's, or f16 after a fallback)."""
+    ship_reason: str = ""
 
     def table(self) -> str:
-        rows = [f"{'variant':<22}{'ppl':>10}{'size MB':>10}{'sparsity':>10}"]
-        rows += [f"{v.name:<22}{'-' if v.perplexity is None else f'{v.perplexity:.2f}':>10}{v.size_mb:>10.1f}{v.sparsity:>10.3f}"
-                 for v in self.variants]
+        def cell(v, fmt):
+            return "-" if v is None else format(v, fmt)
+
+        rows = [f"{'variant':<24}{'ppl':>9}{'ratio':>8}{'size MB':>10}{'sparsity':>10}{'tok/s':>9}{'mem MB':>9}"]
+        rows += [f"{v.name:<24}{cell(v.perplexity, '.2f'):>9}{cell(v.ppl_ratio, '.3f'):>8}{v.size_mb:>10.1f}"
+                 f"{v.sparsity:>10.3f}{cell(v.tokens_per_s, '.1f'):>9}{cell(v.memory_mb, '.0f'):>9}" for v in self.variants]
         return "\n".join(rows)
 
 
 @dataclass(frozen=True)
-class PruneDecision:
+class Decision:
     keep: bool
     ratio: float
     reason: str
 
 
-def decide_pruning(merged_ppl: float, pruned_ppl: float, max_ratio: float) -> PruneDecision:
-    """Keep the pruned model only when its perplexity stays within max_ratio of the merged model's."""
+PruneDecision = Decision  # the name tests and older callers use
+
+
+def decide_variant(what: str, fallback: str, reference_ppl: float, variant_ppl: float, max_ratio: float) -> Decision:
+    """Keep an optimized variant only when its perplexity stays within max_ratio of its full-precision source."""
     import math
 
-    ratio = pruned_ppl / merged_ppl if merged_ppl > 0 else math.inf
-    if math.isfinite(ratio) and ratio <= max_ratio:
-        return PruneDecision(True, ratio, f"pruned perplexity {pruned_ppl:.2f} is {ratio:.3f}x the merged {merged_ppl:.2f} "
-                                          f"(allowed {max_ratio}): pruned model ships")
-    return PruneDecision(False, ratio, f"pruned perplexity {pruned_ppl:.2f} is {ratio:.3f}x the merged {merged_ppl:.2f} "
-                                       f"(allowed {max_ratio}): falling back to the unpruned model")
+    ratio = variant_ppl / reference_ppl if reference_ppl > 0 else math.inf
+    keep = math.isfinite(ratio) and ratio <= max_ratio
+    outcome = f"{what} kept" if keep else f"falling back to the {fallback}"
+    return Decision(keep, ratio, f"{what} perplexity {variant_ppl:.2f} is {ratio:.3f}x the {reference_ppl:.2f} of its source "
+                                 f"(allowed {max_ratio}): {outcome}")
+
+
+def decide_pruning(merged_ppl: float, pruned_ppl: float, max_ratio: float) -> Decision:
+    """Keep the pruned model only when its perplexity stays within max_ratio of the merged model's."""
+    return decide_variant("pruned model", "unpruned model", merged_ppl, pruned_ppl, max_ratio)
+
+
+def choose_gguf(ship: str, exports: dict[str, GGUFExport], max_ratio: float) -> tuple[str, str]:
+    """Which verified GGUF ships, and why: the recipe's choice when it passed verification and (q8_0) its
+    perplexity stays within max_ratio of the f16 export; else f16 when that passed. Raises when none can ship."""
+    wanted = exports.get(ship)
+    f16 = exports.get("f16")
+    problems = []
+    if wanted is not None and wanted.passed:
+        ratio = (wanted.perplexity / f16.perplexity if ship != "f16" and f16 is not None and f16.perplexity
+                 and wanted.perplexity is not None else None)
+        if ratio is None or ratio <= max_ratio:
+            extra = f", perplexity {ratio:.4f}x the f16 export" if ratio is not None else ""
+            return ship, f"{ship} verified (agreement {wanted.agreement:.3f}{extra}): it ships"
+        problems.append(f"{ship} perplexity is {ratio:.4f}x the f16 export (allowed {max_ratio})")
+    elif wanted is not None:
+        problems.append(f"{ship} failed verification: {wanted.problem}")
+    if ship != "f16" and f16 is not None and f16.passed:
+        return "f16", "; ".join(problems) + ": the f16 GGUF ships instead"
+    if f16 is not None and not f16.passed:
+        problems.append(f"f16 failed verification: {f16.problem}")
+    raise GGUFVerificationError("no GGUF export can ship: " + "; ".join(problems or [f"{ship} was not exported"]))
 
 
 def merge_lora(base: Path | str, adapter_dir: Path):
@@ -104,6 +149,102 @@ def magnitude_prune(model, amount: float) -> dict[str, float]:
         prune.remove(module, "weight")
         sparsity[name] = float((module.weight == 0).float().mean())
     return sparsity
+
+
+def calibration_inputs(tokenizer, examples: list[dict], max_tokens: int) -> list:
+    """Token ids (1 x T tensors) of whole training conversations, the activations wanda calibrates on."""
+    from training.data import encode_example
+
+    import torch
+
+    return [torch.tensor([encode_example(tokenizer, e["messages"]).input_ids[:max_tokens]]) for e in examples]
+
+
+def wanda_prune(model, amount: float, calibration: list) -> dict[str, float]:
+    """Wanda (Sun et al., 2024): in each output row of each decoder Linear, zero the `amount` share of
+    weights with the smallest |W_ij| * ||X_j||, where ||X_j|| is the L2 norm of input feature j over the
+    calibration tokens. Block by block, as in the paper: a block's input activations are computed by the
+    blocks before it after those were pruned. Returns the achieved sparsity per layer.
+    """
+    import torch
+
+    layers = _decoder_layers(model)
+    captured: list[list] = [[] for _ in layers]  # per layer: (args, kwargs) of each calibration sequence
+
+    def capture(i):
+        def hook(module, args, kwargs):  # hidden states are kept for the first block only: later ones are recomputed
+            if i > 0:
+                args = (None, *args[1:]) if args else args
+                kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            captured[i].append((args, kwargs))
+        return hook
+
+    handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for ids in calibration:
+                model(input_ids=ids.to(model.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+    sparsity: dict[str, float] = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    hidden = [_hidden_of(args, kwargs) for args, kwargs in captured[0]]
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+            sq = {id(m): torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for m in linears}
+
+            def accumulate(module, args):
+                x = args[0].detach().reshape(-1, module.in_features).double()
+                sq[id(module)] += x.pow(2).sum(0)
+
+            hs = [m.register_forward_pre_hook(accumulate) for m in linears]
+            try:
+                for h, (args, kwargs) in zip(hidden, captured[i]):
+                    _run_layer(layer, h, args, kwargs)
+            finally:
+                for h in hs:
+                    h.remove()
+            for m in linears:
+                score = m.weight.abs() * sq[id(m)].sqrt().to(m.weight.dtype)[None, :]
+                k = int(m.in_features * amount)
+                if k:
+                    idx = torch.topk(score, k, dim=1, largest=False).indices
+                    m.weight.scatter_(1, idx, 0.0)
+                sparsity[names[id(m)]] = float((m.weight == 0).float().mean())
+            hidden = [_run_layer(layer, h, args, kwargs) for h, (args, kwargs) in zip(hidden, captured[i])]
+    return sparsity
+
+
+def _decoder_layers(model):
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return list(inner.layers)
+
+
+def _hidden_of(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _run_layer(layer, hidden, args, kwargs):
+    """One decoder block on `hidden`, with the other inputs it received in the calibration forward."""
+    if args:
+        out = layer(hidden, *args[1:], **kwargs)
+    else:
+        out = layer(**{**kwargs, "hidden_states": hidden})
+    return out[0] if isinstance(out, tuple) else out
+
+
+def prune(model, method: str, amount: float, calibration: list | None = None) -> dict[str, float]:
+    if method == "magnitude":
+        return magnitude_prune(model, amount)
+    if method == "wanda":
+        if not calibration:
+            raise ValueError("wanda pruning needs calibration examples from the training split")
+        return wanda_prune(model, amount, calibration)
+    raise ValueError(f"unknown pruning method {method!r}")
 
 
 def overall_sparsity(model) -> float:
@@ -163,33 +304,151 @@ def saved_size_mb(model) -> float:
         return os.path.getsize(path) / 1e6
 
 
+INT8_STATE = "int8_state.pt"
+
+
+def save_int8(qmodel, backend: str, tokenizer, out_dir: Path) -> Path:
+    """An int8 model as a folder: HF config + tokenizer + the quantized state dict + which backend made it.
+
+    bitsandbytes models save as a normal HF folder (transformers serialises LLM.int8); torchao and quanto
+    tensors are subclasses that safetensors cannot hold, so their state dict is saved with torch.save.
+    """
+    import json
+
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    if backend == "bitsandbytes":
+        qmodel.save_pretrained(out_dir)
+    else:
+        qmodel.config.save_pretrained(out_dir)
+        torch.save(qmodel.state_dict(), out_dir / INT8_STATE)
+    meta = {"backend": backend, "excluded": ["lm_head"]}
+    if backend == "quanto":
+        from optimum.quanto import quantization_map
+
+        meta["quantization_map"] = quantization_map(qmodel)
+    (out_dir / "erpops_int8.json").write_text(json.dumps(meta))
+    return out_dir
+
+
+def load_int8(path: Path):
+    """Read back a folder written by `save_int8`: the same quantized modules, weights and outputs."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    meta = json.loads((path / "erpops_int8.json").read_text())
+    backend = meta["backend"]
+    if backend == "bitsandbytes":
+        return AutoModelForCausalLM.from_pretrained(path, device_map={"": 0})
+    config = AutoConfig.from_pretrained(path)
+    state = torch.load(path / INT8_STATE, weights_only=False, map_location="cpu")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if backend == "quanto":
+        from optimum.quanto import requantize
+
+        requantize(model, state, meta["quantization_map"], device=torch.device("cpu"))
+    elif backend == "torchao":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig(),
+                  filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and not fqn.endswith("lm_head"))
+        model.load_state_dict(state, assign=True)
+    else:
+        raise ValueError(f"unknown int8 backend {backend!r} in {path}")
+    model.tie_weights()
+    return model.eval()
+
+
+def measure_speed(model, tokenizer, examples: list[dict], runtime: Runtime, new_tokens: int = 32) -> tuple[float, float]:
+    """(tokens/s of greedy decoding, one request at a time, and memory MB): the bytes this model's parameters
+    and buffers take (int8 tensor subclasses counted by their int8 payload and scales), plus on CUDA the peak
+    memory its generation added."""
+    import time as _time
+
+    import torch
+
+    from training.data import prompt_text
+
+    model.eval()
+    weights = sum(_nbytes(t) for t in list(model.parameters()) + list(model.buffers()))
+    if runtime.device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    tokens, seconds = 0, 0.0
+    for e in examples:
+        enc = tokenizer(prompt_text(tokenizer, e["messages"]), return_tensors="pt", add_special_tokens=False).to(model.device)
+        t0 = _time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        seconds += _time.perf_counter() - t0
+        tokens += out.shape[1] - enc["input_ids"].shape[1]
+    memory = weights  # other models held by the process (the fp32 source) are not counted
+    if runtime.device == "cuda":
+        memory += torch.cuda.max_memory_allocated() - before  # plus this model's activations and KV cache
+    return tokens / max(seconds, 1e-9), memory / 1e6
+
+
+def _nbytes(t) -> int:
+    inner = getattr(t, "data", t)
+    for attr in ("qdata", "int_data", "_data"):  # torchao / quanto int8 payloads
+        if hasattr(inner, attr):
+            return sum(_nbytes(getattr(inner, a)) for a in ("qdata", "int_data", "_data", "scale", "_scale") if hasattr(inner, a))
+    try:
+        return inner.untyped_storage().nbytes()
+    except Exception:
+        return inner.numel() * inner.element_size()
+
+
 def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eval_examples: list[dict],
-                   out_dir: Path, runtime: Runtime, tracker: Tracker | None = None) -> OptimizeResult:
+                   out_dir: Path, runtime: Runtime, tracker: Tracker | None = None,
+                   calibration_examples: list[dict] | None = None) -> OptimizeResult:
+    """Merge, prune (kept only within max_prune_ppl_ratio), quantize to int8 (kept only within
+    max_quant_ppl_ratio), export and verify GGUF files and pick the one that ships; every variant is
+    measured (perplexity, ratio, size, sparsity, tokens/s, memory) and logged."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    speed_examples = eval_examples[: cfg.speed_prompts]
+    (out_dir / "optimize.json").unlink(missing_ok=True)  # a stale decision must not outlive a failed rerun
+
+    def measured(name: str, model, t0: float, reference: float | None, sparsity: float | None = None) -> Variant:
+        ppl = response_nll(model, tokenizer, eval_examples, runtime).perplexity
+        tps, mem = measure_speed(model, tokenizer, speed_examples, runtime) if speed_examples else (None, None)
+        sparsity = overall_sparsity(model) if sparsity is None else sparsity
+        v = Variant(name, ppl, saved_size_mb(model), sparsity, time.perf_counter() - t0, tps, mem,
+                    ppl / reference if reference else 1.0)
+        log.info("%s: perplexity %.3f (%.3fx), %.1f MB, %s tok/s", name, ppl, v.ppl_ratio, v.size_mb,
+                 f"{tps:.1f}" if tps else "-")
+        return v
+
     t0 = time.perf_counter()
     model = merge_lora(base, adapter_dir).to(runtime.device)
-    ppl = response_nll(model, tokenizer, eval_examples, runtime).perplexity
-    variants = [Variant("merged_fp32", ppl, saved_size_mb(model), overall_sparsity(model), time.perf_counter() - t0)]
-    log.info("merged: perplexity %.2f", ppl)
+    merged = measured("merged_fp32", model, t0, None)
+    variants = [merged]
 
     layer_sparsity: dict[str, float] = {}
     decision = None
-    if cfg.prune_method == "magnitude" and cfg.prune_amount > 0:
+    if cfg.prune_method != "none" and cfg.prune_amount > 0:
         t0 = time.perf_counter()
-        merged_ppl = ppl
         unpruned = copy.deepcopy(model)
-        layer_sparsity = magnitude_prune(model, cfg.prune_amount)
-        ppl = response_nll(model, tokenizer, eval_examples, runtime).perplexity
-        variants.append(Variant(f"pruned_{round(cfg.prune_amount * 100)}pct_fp32", ppl, saved_size_mb(model), overall_sparsity(model),
-                                time.perf_counter() - t0))
-        log.info("pruned %.0f%%: perplexity %.2f (sparsity %.3f)", 100 * cfg.prune_amount, ppl, overall_sparsity(model))
-        decision = decide_pruning(merged_ppl, ppl, cfg.max_prune_ppl_ratio)
+        calibration = (calibration_inputs(tokenizer, (calibration_examples or [])[: cfg.calibration_examples],
+                                          cfg.calibration_max_tokens) if cfg.prune_method == "wanda" else None)
+        layer_sparsity = prune(model, cfg.prune_method, cfg.prune_amount, calibration)
+        pruned = measured(f"pruned_{cfg.prune_method}_{round(cfg.prune_amount * 100)}pct", model, t0, merged.perplexity)
+        variants.append(pruned)
+        decision = decide_pruning(merged.perplexity, pruned.perplexity, cfg.max_prune_ppl_ratio)
         log.info("pruning decision: %s", decision.reason)
         if not decision.keep:
             model = unpruned
+            layer_sparsity = {}
         del unpruned
+    source_ppl = variants[-1].perplexity if decision is not None and decision.keep else merged.perplexity
 
     merged_dir = out_dir / "merged"
     model.save_pretrained(merged_dir)
@@ -198,36 +457,58 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
     backend = pick_int8_backend(cfg, runtime)
     t0 = time.perf_counter()
     qmodel = quantize_int8(model, backend, merged_dir)
-    qppl = response_nll(qmodel, tokenizer, eval_examples, runtime).perplexity
-    variants.append(Variant(f"int8_{backend}", qppl, saved_size_mb(qmodel), overall_sparsity(model), time.perf_counter() - t0))
-    log.info("int8 (%s): perplexity %.2f", backend, qppl)
+    qvariant = measured(f"int8_{backend}", qmodel, t0, source_ppl, overall_sparsity(model))  # int8 keeps exact zeros
+    variants.append(qvariant)
+    int8 = decide_variant(f"int8 ({backend})", "full-precision model", source_ppl, qvariant.perplexity, cfg.max_quant_ppl_ratio)
+    log.info("int8 decision: %s", int8.reason)
+    int8_dir = save_int8(qmodel, backend, tokenizer, out_dir / f"int8-{backend}") if int8.keep and cfg.save_int8 else None
     del qmodel
 
     prompts = [tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in eval_examples[: cfg.verify_prompts]]
     gguf = export_and_verify(model.cpu(), tokenizer, merged_dir, out_dir / "gguf", list(cfg.gguf_types), prompts,
-                             dict(cfg.min_agreement))
-    for g in gguf.values():
-        variants.append(Variant(f"gguf_{g.kind}", None, g.size_mb, overall_sparsity(model), 0.0))
-    modelfile, spec = write_modelfile(tokenizer, gguf[cfg.ship].path)
+                             dict(cfg.min_agreement), eval_examples, runtime)
+    for g in gguf.values():  # ratio to the HF model the files were converted from
+        ratio = g.perplexity / source_ppl if g.perplexity else None
+        variants.append(Variant(f"gguf_{g.kind}", g.perplexity, g.size_mb, overall_sparsity(model), 0.0, None, None, ratio))
+    shipped, ship_reason = choose_gguf(cfg.ship, gguf, cfg.max_quant_ppl_ratio)
+    log.info("GGUF decision: %s", ship_reason)
+    modelfile, spec = write_modelfile(tokenizer, gguf[shipped].path)
 
-    result = OptimizeResult(merged_dir, variants, backend, layer_sparsity, gguf, decision, modelfile, spec)
-    write_json(out_dir / "optimize.json", {"int8_backend": backend, "variants": [asdict(v) for v in variants],
-                                          "layer_sparsity": layer_sparsity,
-                                          "pruning": asdict(decision) if decision else None,
-                                          "gguf": {k: asdict(g) for k, g in gguf.items()}})
+    result = OptimizeResult(merged_dir, variants, backend, layer_sparsity, gguf, decision, modelfile, spec, int8, int8_dir,
+                            shipped, ship_reason)
+    summary = {"int8_backend": backend, "variants": [asdict(v) for v in variants], "layer_sparsity": layer_sparsity,
+               "overall_sparsity": overall_sparsity(model), "pruning": asdict(decision) if decision else None,
+               "int8": asdict(int8), "shipped": shipped, "ship_reason": ship_reason,
+               "gguf": {k: asdict(g) for k, g in gguf.items()}}
+    write_json(out_dir / "optimize.json", summary)
+    (out_dir / "variants.txt").write_text(result.table() + "\n")
     if tracker:
-        for g in gguf.values():
-            tracker.log_metrics({f"optimize/gguf_{g.kind}/size_mb": g.size_mb, f"optimize/gguf_{g.kind}/agreement": g.agreement})
-            tracker.set_tags({f"gguf.{g.kind}.sha256": g.sha256})
-        for v in variants:
-            if v.perplexity is not None:
-                tracker.log_metrics({f"optimize/{v.name}/perplexity": v.perplexity, f"optimize/{v.name}/size_mb": v.size_mb,
-                                     f"optimize/{v.name}/sparsity": v.sparsity})
-        tracker.set_tags({"optimize.int8_backend_resolved": backend,
-                          "optimize.pruning": ("kept" if decision.keep else "fallback") if decision else "off"})
-        if decision:
-            tracker.log_metrics({"optimize/prune_ppl_ratio": decision.ratio})
-        tracker.log_artifact(out_dir / "optimize.json", "optimize")
-        tracker.log_artifact(merged_dir, "merged_model")  # plain HF folder: from_pretrained loads it as is
-        tracker.log_text(result.table(), "optimize/variants.txt")
+        _log_optimize(tracker, result, out_dir, decision, int8)
     return result
+
+
+def _log_optimize(tracker: Tracker, result: OptimizeResult, out_dir: Path, decision: Decision | None, int8: Decision) -> None:
+    metrics: dict[str, float] = {}
+    for v in result.variants:
+        for key in ("perplexity", "ppl_ratio", "size_mb", "sparsity", "tokens_per_s", "memory_mb"):
+            value = getattr(v, key)
+            if value is not None:
+                metrics[f"optimize/{v.name}/{key}"] = value
+    for g in result.gguf.values():
+        metrics[f"optimize/gguf_{g.kind}/agreement"] = g.agreement
+        tracker.set_tags({f"gguf.{g.kind}.sha256": g.sha256})
+    if "f16" in result.gguf and "q8_0" in result.gguf:
+        metrics["optimize/gguf_q8_0_over_f16_size"] = result.gguf["q8_0"].size_mb / result.gguf["f16"].size_mb
+        if result.gguf["q8_0"].perplexity and result.gguf["f16"].perplexity:
+            metrics["optimize/gguf_q8_0_over_f16_ppl"] = result.gguf["q8_0"].perplexity / result.gguf["f16"].perplexity
+    if decision:
+        metrics["optimize/prune_ppl_ratio"] = decision.ratio
+    metrics["optimize/int8_ppl_ratio"] = int8.ratio
+    tracker.log_metrics(metrics)
+    tracker.set_tags({"optimize.int8_backend_resolved": result.int8_backend,
+                      "optimize.pruning": ("kept" if decision.keep else "fallback") if decision else "off",
+                      "optimize.int8": "kept" if int8.keep else "fallback",
+                      "optimize.gguf_shipped": result.shipped})
+    tracker.log_artifact(out_dir / "optimize.json", "optimize")
+    tracker.log_artifact(out_dir / "variants.txt", "optimize")
+    tracker.log_artifact(result.merged_dir, "merged_model")  # plain HF folder: from_pretrained loads it as is
