@@ -4,8 +4,8 @@
     .venv/bin/python bench/optimize.py --model tiny     # seconds; numbers mean nothing
 
 Variants: fp32 and bf16; int8 by each backend available here (torchao and optimum-quanto on CPU,
-bitsandbytes LLM.int8 on CUDA only); 30% pruning by magnitude and by wanda (calibrated on the training
-split); GGUF f16 and Q8_0 from llama.cpp's converter, read back by transformers. Perplexity is the
+bitsandbytes LLM.int8 on CUDA only); 30% pruning by magnitude, wanda and sparsegpt (the last two
+calibrated on the training split); GGUF f16 and Q8_0 from llama.cpp's converter, read back by transformers. Perplexity is the
 response perplexity of the eval split (the gate's measure); tokens/s is greedy decoding one request at
 a time; memory is what the weights take once loaded (CUDA: peak allocated). GGUF tokens/s needs
 llama-cpp-python (the optional extra); without it the column shows '-'.
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 sys.path.insert(0, str(REPO))
 
 
@@ -92,11 +93,11 @@ def main() -> None:
         rows.append({"variant": "int8_bitsandbytes", "note": "CUDA only (LLM.int8); no GPU here"})
 
     calibration = calibration_inputs(tokenizer, train[: args.calibration_examples], 256)
-    for method in ("magnitude", "wanda"):
+    for method in PRUNE_METHODS:
         pruned = copy.deepcopy(fp32)
         t0 = time.perf_counter()
-        prune(pruned, method, 0.3, calibration if method == "wanda" else None)
-        row = measure(f"pruned_{method}_30pct", pruned, note=f"pruning took {time.perf_counter() - t0:.1f} s")
+        prune(pruned, method, 0.3, calibration if method != "magnitude" else None)
+        measure(f"pruned_{method}_30pct", pruned, note=f"pruning took {time.perf_counter() - t0:.1f} s")
         del pruned
 
     prompts = [tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in evals[:16]]
@@ -116,10 +117,10 @@ def main() -> None:
               f"{_f(r.get('sparsity'), '.3f'):>10}{_f(r.get('tokens_per_s'), '.1f'):>9}{_f(r.get('memory_mb'), '.0f'):>9}  {r['note']}")
     by = {r["variant"]: r for r in rows}
     f16, q8 = exports["f16"], exports["q8_0"]
-    prune_ratios = {m: by[f"pruned_{m}_30pct"]["ppl"] / ref["ppl"] for m in ("magnitude", "wanda")}
+    prune_ratios = {m: by[f"pruned_{m}_30pct"]["ppl"] / ref["ppl"] for m in PRUNE_METHODS}
     best = min(prune_ratios, key=prune_ratios.get)
     pairs = {"q8_0_over_f16_size": q8.size_mb / f16.size_mb, "q8_0_over_f16_ppl": q8.perplexity / f16.perplexity,
-             "magnitude_ppl_ratio": prune_ratios["magnitude"], "wanda_ppl_ratio": prune_ratios["wanda"],
+             **{f"{m}_ppl_ratio": r for m, r in prune_ratios.items()},
              "best_prune": best, "best_prune_ppl_ratio": prune_ratios[best]}
     for backend in backends:
         r = by.get(f"int8_{backend}", {})

@@ -128,13 +128,14 @@ class TrainConfig(_Strict):
 
 
 class OptimizeConfig(_Strict):
-    prune_method: Literal["magnitude", "wanda", "none"] = "wanda"
+    prune_method: Literal["magnitude", "wanda", "sparsegpt", "none"] = "wanda"
     """Unstructured pruning of decoder Linear layers. magnitude: smallest |W| per layer (L1); wanda: smallest
-    |W| x input-activation norm per output row, from calibration examples of the training split."""
+    |W| x input-activation norm per output row; sparsegpt: inverse-Hessian selection with compensating updates
+    of the kept weights. wanda and sparsegpt calibrate on examples of the training split."""
     prune_amount: float = Field(0.3, ge=0, lt=1)
     """Share of weights zeroed in each pruned layer (wanda: in each output row)."""
     calibration_examples: int = Field(32, ge=1)
-    """Training examples whose activations calibrate wanda pruning."""
+    """Training examples whose activations calibrate wanda and sparsegpt pruning."""
     calibration_max_tokens: int = Field(256, ge=16)
     """Tokens kept of each calibration example."""
     max_prune_ppl_ratio: float = Field(1.10, gt=0)

@@ -163,9 +163,61 @@ def calibration_inputs(tokenizer, examples: list[dict], max_tokens: int) -> list
 def wanda_prune(model, amount: float, calibration: list) -> dict[str, float]:
     """Wanda (Sun et al., 2024): in each output row of each decoder Linear, zero the `amount` share of
     weights with the smallest |W_ij| * ||X_j||, where ||X_j|| is the L2 norm of input feature j over the
-    calibration tokens. Block by block, as in the paper: a block's input activations are computed by the
-    blocks before it after those were pruned. Returns the achieved sparsity per layer.
-    """
+    calibration tokens. Returns the achieved sparsity per layer."""
+    import torch
+
+    def prune_linear(m, sq):
+        score = m.weight.abs() * sq.sqrt().to(m.weight.dtype)[None, :]
+        k = int(m.in_features * amount)
+        if k:
+            m.weight.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, 0.0)
+
+    return _calibrated_prune(model, calibration, "norms", prune_linear)
+
+
+def sparsegpt_prune(model, amount: float, calibration: list, block: int = 128, damp: float = 0.01) -> dict[str, float]:
+    """SparseGPT (Frantar & Alistarh, 2023): prune with the inverse Hessian H = X^T X of each Linear's
+    calibration inputs, and update the weights not pruned to make up for the ones that were (optimal
+    brain surgeon, column by column; the mask is chosen per block of `block` columns by w^2 / [H^-1]_jj^2).
+    Returns the achieved sparsity per layer."""
+    import torch
+
+    def prune_linear(m, H):
+        W = m.weight.data.double()
+        H = H.clone()
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        for i1 in range(0, W.shape[1], block):
+            i2 = min(i1 + block, W.shape[1])
+            W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+            Err1 = torch.zeros_like(W1)
+            score = W1 ** 2 / torch.diag(Hinv1).reshape(1, -1) ** 2
+            k = int(score.numel() * amount)
+            mask = torch.zeros_like(W1, dtype=torch.bool)
+            if k:
+                mask.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
+            for i in range(i2 - i1):
+                w, d = W1[:, i], Hinv1[i, i]
+                q = w.clone()
+                q[mask[:, i]] = 0
+                err = (w - q) / d
+                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                W1[:, i] = q
+                Err1[:, i] = err
+            W[:, i1:i2] = W1
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        m.weight.data.copy_(W.to(m.weight.dtype))
+
+    return _calibrated_prune(model, calibration, "hessian", prune_linear)
+
+
+def _calibrated_prune(model, calibration: list, stat: str, prune_linear) -> dict[str, float]:
+    """Prune decoder blocks one after another, as Wanda and SparseGPT do: each block's Linear layers are
+    pruned from statistics of their inputs (`norms`: per-feature sum of squares; `hessian`: X^T X), and
+    those inputs come from the blocks before it, already pruned."""
     import torch
 
     layers = _decoder_layers(model)
@@ -195,11 +247,13 @@ def wanda_prune(model, amount: float, calibration: list) -> dict[str, float]:
     with torch.no_grad():
         for i, layer in enumerate(layers):
             linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-            sq = {id(m): torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) for m in linears}
+            stats = {id(m): (torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) if stat == "norms"
+                             else torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device))
+                     for m in linears}
 
             def accumulate(module, args):
                 x = args[0].detach().reshape(-1, module.in_features).double()
-                sq[id(module)] += x.pow(2).sum(0)
+                stats[id(module)] += x.pow(2).sum(0) if stat == "norms" else x.T @ x
 
             hs = [m.register_forward_pre_hook(accumulate) for m in linears]
             try:
@@ -209,11 +263,7 @@ def wanda_prune(model, amount: float, calibration: list) -> dict[str, float]:
                 for h in hs:
                     h.remove()
             for m in linears:
-                score = m.weight.abs() * sq[id(m)].sqrt().to(m.weight.dtype)[None, :]
-                k = int(m.in_features * amount)
-                if k:
-                    idx = torch.topk(score, k, dim=1, largest=False).indices
-                    m.weight.scatter_(1, idx, 0.0)
+                prune_linear(m, stats[id(m)])
                 sparsity[names[id(m)]] = float((m.weight == 0).float().mean())
             hidden = [_run_layer(layer, h, args, kwargs) for h, (args, kwargs) in zip(hidden, captured[i])]
     return sparsity
@@ -240,10 +290,10 @@ def _run_layer(layer, hidden, args, kwargs):
 def prune(model, method: str, amount: float, calibration: list | None = None) -> dict[str, float]:
     if method == "magnitude":
         return magnitude_prune(model, amount)
-    if method == "wanda":
+    if method in ("wanda", "sparsegpt"):
         if not calibration:
-            raise ValueError("wanda pruning needs calibration examples from the training split")
-        return wanda_prune(model, amount, calibration)
+            raise ValueError(f"{method} pruning needs calibration examples from the training split")
+        return (wanda_prune if method == "wanda" else sparsegpt_prune)(model, amount, calibration)
     raise ValueError(f"unknown pruning method {method!r}")
 
 
@@ -438,7 +488,7 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
         t0 = time.perf_counter()
         unpruned = copy.deepcopy(model)
         calibration = (calibration_inputs(tokenizer, (calibration_examples or [])[: cfg.calibration_examples],
-                                          cfg.calibration_max_tokens) if cfg.prune_method == "wanda" else None)
+                                          cfg.calibration_max_tokens) if cfg.prune_method != "magnitude" else None)
         layer_sparsity = prune(model, cfg.prune_method, cfg.prune_amount, calibration)
         pruned = measured(f"pruned_{cfg.prune_method}_{round(cfg.prune_amount * 100)}pct", model, t0, merged.perplexity)
         variants.append(pruned)
