@@ -128,7 +128,7 @@ class TrainConfig(_Strict):
 
 
 class OptimizeConfig(_Strict):
-    prune_method: Literal["magnitude", "wanda", "sparsegpt", "none"] = "wanda"
+    prune_method: Literal["magnitude", "wanda", "sparsegpt", "none"] = "sparsegpt"
     """Unstructured pruning of decoder Linear layers. magnitude: smallest |W| per layer (L1); wanda: smallest
     |W| x input-activation norm per output row; sparsegpt: inverse-Hessian selection with compensating updates
     of the kept weights. wanda and sparsegpt calibrate on examples of the training split."""
