@@ -45,11 +45,9 @@ def main() -> None:
     from erpops.config import load_recipe
     from erpops.device import Runtime
     from erpops.runtime import setup_process
-    from evaluation.scoring import response_nll
     from training.base_model import MODELS_DIR, resolve_base_model
     from training.gguf import export_and_verify
-    from training.optimize import (calibration_inputs, measure_speed, overall_sparsity, prune, quantize_int8,
-                                   saved_size_mb)
+    from training.optimize import calibration_inputs, measure_variant, overall_sparsity, prune, quantize_int8
 
     setup_process()
     overrides = {"model.source": "tiny"} if args.model == "tiny" else {}
@@ -68,14 +66,11 @@ def main() -> None:
     rows: list[dict] = []
 
     def measure(name: str, model, sparsity: float | None = None, note: str = "") -> dict:
-        t0 = time.perf_counter()
-        ppl = response_nll(model, tokenizer, evals, runtime).perplexity
-        tps, mem = measure_speed(model, tokenizer, speed, runtime) if speed else (None, None)
-        row = {"variant": name, "ppl": ppl, "size_mb": saved_size_mb(model),
-               "sparsity": overall_sparsity(model) if sparsity is None else sparsity, "tokens_per_s": tps,
-               "memory_mb": mem, "seconds": time.perf_counter() - t0, "note": note}
+        v = measure_variant(name, model, tokenizer, evals, speed, runtime, time.perf_counter(), sparsity=sparsity)
+        row = {"variant": v.name, "ppl": v.perplexity, "size_mb": v.size_mb, "sparsity": v.sparsity,
+               "tokens_per_s": v.tokens_per_s, "memory_mb": v.memory_mb, "seconds": v.seconds, "note": note}
         rows.append(row)
-        print(f"  {name}: ppl {ppl:.3f}", file=sys.stderr, flush=True)
+        print(f"  {name}: ppl {v.perplexity:.3f}", file=sys.stderr, flush=True)
         return row
 
     ref = measure("fp32", fp32)

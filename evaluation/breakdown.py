@@ -15,21 +15,26 @@ MODULE_METRICS = ("rouge_l", "exact_match", "keyword_coverage", "language_agreem
 def per_module(rows: list[dict], metrics: list[str]) -> dict[str, dict[str, float]]:
     """Mean of each metric over the rows of each `module`, plus the row count `n`.
 
-    A NaN value (e.g. the perplexity of an example with no scored tokens) is left out of its mean;
-    a module whose values are all NaN gets NaN.
+    A row without a module is left out; a missing, non-numeric or NaN value (e.g. the perplexity of an
+    example with no scored tokens) is left out of its mean; a module with no such value gets NaN.
     """
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
-        groups[row["module"]].append(row)
+        if row.get("module") is not None:
+            groups[str(row["module"])].append(row)
     out: dict[str, dict[str, float]] = {}
     for module in sorted(groups):
         members = groups[module]
         stats = {"n": float(len(members))}
         for metric in metrics:
-            values = [float(r[metric]) for r in members if not math.isnan(float(r[metric]))]
+            values = [float(v) for r in members if _finite(v := r.get(metric))]
             stats[metric] = sum(values) / len(values) if values else float("nan")
         out[module] = stats
     return out
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def percentiles(values: list[float], qs: tuple[float, ...] = (50, 95)) -> dict[str, float]:

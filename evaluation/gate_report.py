@@ -22,7 +22,7 @@ from matplotlib.lines import Line2D
 
 from evaluation.gates import DIRECTION, Comparison, GateVerdict
 
-MODULE_METRICS = ("rouge_l", "keyword_coverage")
+PLOTTED_MODULE_METRICS = ("rouge_l", "keyword_coverage")
 """Per-example metrics averaged per ERP module in the module figure."""
 MAX_EXAMPLES = 5
 """Examples shown side by side."""
@@ -120,16 +120,13 @@ def forest_plot(comparisons: list[Comparison]) -> Figure:
 
 def module_means(rows: list[dict], metric: str) -> dict[str, float]:
     """Mean of a per-example metric per ERP module (rows lacking the module or a finite value left out)."""
-    groups: dict[str, list[float]] = {}
-    for r in rows:
-        value = r.get(metric)
-        if r.get("module") is not None and _is_number(value) and math.isfinite(value):
-            groups.setdefault(str(r["module"]), []).append(float(value))
-    return {m: sum(v) / len(v) for m, v in sorted(groups.items())}
+    from evaluation.breakdown import per_module
+
+    return {m: s[metric] for m, s in per_module(rows, [metric]).items() if math.isfinite(s[metric])}
 
 
 def modules_html(candidate_rows: list[dict], champion_rows: list[dict] | None) -> str:
-    panels = [(m, module_means(candidate_rows, m), module_means(champion_rows or [], m)) for m in MODULE_METRICS]
+    panels = [(m, module_means(candidate_rows, m), module_means(champion_rows or [], m)) for m in PLOTTED_MODULE_METRICS]
     panels = [p for p in panels if p[1]]
     if not panels:
         return "<p>No per-module scores in the candidate's rows.</p>"

@@ -88,18 +88,18 @@ def _run_stages(recipe, settings, runtime, run_dir, tracker, summary, commit) ->
         data = validate_task(recipe.data, run_dir / "data", tracker, tokenizer)
         s.outputs = {"train": str(data.train_path), "eval": str(data.eval_path), "digest": data.digest,
                      "n_train": data.n_train, "n_eval": data.n_eval, "n_docs": len(data.docs)}
-    eval_examples = read_examples(data.eval_path)
+    train_examples, eval_examples = read_examples(data.train_path), read_examples(data.eval_path)
 
     with summary.stage("train") as s:
         base = base_model_task(recipe.model, MODELS_DIR)
         # a rerun under the same run name continues from the newest checkpoint of that run folder
-        trained = train_task(recipe, base, read_examples(data.train_path), run_dir, runtime, tracker, resume=True)
+        trained = train_task(recipe, base, train_examples, run_dir, runtime, tracker, resume=True)
         s.outputs = {"adapter": str(trained.adapter_dir), "first_loss": trained.first_loss,
                      "final_loss": trained.final_loss, "tokens_per_s": round(trained.tokens_per_s, 1)}
 
     with summary.stage("optimize") as s:
         opt = optimize_task(recipe.optimize, base, trained.adapter_dir, eval_examples[: recipe.gate.max_examples],
-                            run_dir, runtime, tracker, calibration_examples=read_examples(data.train_path))
+                            run_dir, runtime, tracker, calibration_examples=train_examples)
         shipped, modelfile, spec = opt.gguf[opt.shipped], opt.modelfile, opt.modelfile_spec
         s.outputs = {"merged_model": str(opt.merged_dir), "int8_backend": opt.int8_backend,
                      "pruning": opt.pruning.reason if opt.pruning else "off",
@@ -112,11 +112,12 @@ def _run_stages(recipe, settings, runtime, run_dir, tracker, summary, commit) ->
     with summary.stage("evaluate") as s:
         champion = champion_task(settings, run_dir / "champion")
         result = evaluate_task(recipe.gate, shipped.path, eval_examples, champion, run_dir, runtime, tracker)
-        s.outputs = {"metrics": {k: v for k, v in result.metrics.items() if not k.startswith("module/")},
+        headline = {k: v for k, v in result.metrics.items() if not k.startswith("module/")}  # per module: MLflow only
+        s.outputs = {"metrics": headline,
                      "verdict": result.verdict.verdict, "reasons": result.verdict.reasons,
                      "champion_version": champion.version if champion else None, "report": str(result.report_path),
                      "html_report": str(result.html_path)}
-    summary.metrics.update({k: v for k, v in result.metrics.items() if not k.startswith("module/")})
+    summary.metrics.update(headline)
 
     with summary.stage("promote") as s:
         model_uri = log_shipped_model(tracker.run_id, settings.tracking_uri, shipped.path, modelfile)

@@ -29,13 +29,12 @@ def fetch_champion(settings: MLflowSettings, dest: Path) -> ChampionModel | None
     """The champion's version, stored metrics and GGUF (downloaded under `dest`); None without a champion."""
     import mlflow
 
-    from registry.promote import RETENTION_TAG, read_champion
+    from registry.promote import RETENTION_TAG, _client, read_champion
 
     champion = read_champion(settings)
     if champion.version is None:
         return None
-    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
-    tags = client.get_model_version(settings.registered_model_name, champion.version).tags
+    tags = _client(settings).get_model_version(settings.registered_model_name, champion.version).tags
     if RETENTION_TAG in tags:  # cannot happen to a version holding an alias, unless done by hand
         log.warning("champion v%s: its artifacts were deleted (%s); the gate cannot re-score it",
                     champion.version, tags[RETENTION_TAG])

@@ -64,7 +64,7 @@ def launch(recipe: Recipe, base: Path | str, train_examples: list[dict], out_dir
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "training.launch", str(work / "request.json")]
     log.info("training with %d processes: %s", num_processes, " ".join(cmd))
-    proc = subprocess.run(cmd, cwd=Path.cwd())
+    proc = subprocess.run(cmd)
     if proc.returncode != 0 or not result_path.exists():
         raise RuntimeError(f"distributed training failed (exit {proc.returncode}); its processes' output is above, "
                            f"the request in {work / 'request.json'}")

@@ -114,12 +114,19 @@ def labelled_logits(model, input_ids, labels, attention_mask=None, position_ids=
     return logits.float(), targets[keep], keep
 
 
-def assistant_token_loss(model, input_ids, labels, attention_mask=None, position_ids=None):
-    """Mean cross-entropy over assistant tokens: the model's own loss, computed without wasted logits."""
+def assistant_token_nll(model, input_ids, labels, attention_mask=None, position_ids=None):
+    """(summed cross-entropy over the assistant tokens, how many there are): the training loop divides the
+    sum by the count over all processes."""
     import torch.nn.functional as F
 
     logits, targets, _ = labelled_logits(model, input_ids, labels, attention_mask, position_ids)
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, reduction="sum"), targets.numel()
+
+
+def assistant_token_loss(model, input_ids, labels, attention_mask=None, position_ids=None):
+    """Mean cross-entropy over assistant tokens: the model's own loss, computed without wasted logits."""
+    loss_sum, n = assistant_token_nll(model, input_ids, labels, attention_mask, position_ids)
+    return loss_sum / n
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -221,7 +228,6 @@ def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, trac
     """The optimisation steps from `done` to max_steps; returns (losses, real_tokens, wall seconds of
     all steps, those before a resume included). Losses and token counts are global (all ranks)."""
     import torch
-    import torch.nn.functional as F
 
     cfg = recipe.train
     start = time.perf_counter()
@@ -236,10 +242,9 @@ def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, trac
                     else pad_batch(mine, tokenizer.pad_token_id))
         inputs = {k: v.to(runtime.device) for k, v in collated.items()}
         with torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast):
-            logits, targets, _ = labelled_logits(model, **inputs)
-            loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+            loss_sum, n_labelled = assistant_token_nll(model, **inputs)
         # [assistant tokens, all real tokens, summed loss] over every rank, in one collective
-        totals = distributed.all_sum(dist, torch.tensor([targets.numel(), sum(len(e.input_ids) for e in mine),
+        totals = distributed.all_sum(dist, torch.tensor([n_labelled, sum(len(e.input_ids) for e in mine),
                                                          loss_sum.item()], dtype=torch.float64))
         (loss_sum / totals[0].item()).backward()  # the global per-token mean once gradients are summed
         distributed.all_sum_grads(dist, trainable)

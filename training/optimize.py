@@ -81,9 +81,6 @@ class Decision:
     reason: str
 
 
-PruneDecision = Decision  # the name tests and older callers use
-
-
 def decide_variant(what: str, fallback: str, reference_ppl: float, variant_ppl: float, max_ratio: float) -> Decision:
     """Keep an optimized variant only when its perplexity stays within max_ratio of its full-precision source."""
     import math
@@ -152,7 +149,7 @@ def magnitude_prune(model, amount: float) -> dict[str, float]:
 
 
 def calibration_inputs(tokenizer, examples: list[dict], max_tokens: int) -> list:
-    """Token ids (1 x T tensors) of whole training conversations, the activations wanda calibrates on."""
+    """Token ids (1 x T tensors) of whole training conversations, the activations wanda and sparsegpt calibrate on."""
     from training.data import encode_example
 
     import torch
@@ -444,15 +441,31 @@ def measure_speed(model, tokenizer, examples: list[dict], runtime: Runtime, new_
     return tokens / max(seconds, 1e-9), memory / 1e6
 
 
+_INT8_PARTS = ("qdata", "int_data", "_data", "scale", "_scale")
+"""Attributes holding the int8 payload and scales of torchao / quanto tensor subclasses."""
+
+
 def _nbytes(t) -> int:
     inner = getattr(t, "data", t)
-    for attr in ("qdata", "int_data", "_data"):  # torchao / quanto int8 payloads
-        if hasattr(inner, attr):
-            return sum(_nbytes(getattr(inner, a)) for a in ("qdata", "int_data", "_data", "scale", "_scale") if hasattr(inner, a))
+    if any(hasattr(inner, a) for a in _INT8_PARTS[:3]):
+        return sum(_nbytes(getattr(inner, a)) for a in _INT8_PARTS if hasattr(inner, a))
     try:
         return inner.untyped_storage().nbytes()
     except Exception:
         return inner.numel() * inner.element_size()
+
+
+def measure_variant(name: str, model, tokenizer, eval_examples: list[dict], speed_examples: list[dict], runtime: Runtime,
+                    started: float, reference_ppl: float | None = None, sparsity: float | None = None) -> Variant:
+    """Score one variant the way every variant is scored: response perplexity on `eval_examples` (and its ratio
+    to `reference_ppl`), size on disk, sparsity, and greedy tokens/s and memory on `speed_examples`."""
+    ppl = response_nll(model, tokenizer, eval_examples, runtime).perplexity
+    tps, mem = measure_speed(model, tokenizer, speed_examples, runtime) if speed_examples else (None, None)
+    v = Variant(name, ppl, saved_size_mb(model), overall_sparsity(model) if sparsity is None else sparsity,
+                time.perf_counter() - started, tps, mem, ppl / reference_ppl if reference_ppl else 1.0)
+    log.info("%s: perplexity %.3f (%.3fx), %.1f MB, %s tok/s", name, ppl, v.ppl_ratio, v.size_mb,
+             f"{tps:.1f}" if tps else "-")
+    return v
 
 
 def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eval_examples: list[dict],
@@ -468,14 +481,7 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
     (out_dir / "optimize.json").unlink(missing_ok=True)  # a stale decision must not outlive a failed rerun
 
     def measured(name: str, model, t0: float, reference: float | None, sparsity: float | None = None) -> Variant:
-        ppl = response_nll(model, tokenizer, eval_examples, runtime).perplexity
-        tps, mem = measure_speed(model, tokenizer, speed_examples, runtime) if speed_examples else (None, None)
-        sparsity = overall_sparsity(model) if sparsity is None else sparsity
-        v = Variant(name, ppl, saved_size_mb(model), sparsity, time.perf_counter() - t0, tps, mem,
-                    ppl / reference if reference else 1.0)
-        log.info("%s: perplexity %.3f (%.3fx), %.1f MB, %s tok/s", name, ppl, v.ppl_ratio, v.size_mb,
-                 f"{tps:.1f}" if tps else "-")
-        return v
+        return measure_variant(name, model, tokenizer, eval_examples, speed_examples, runtime, t0, reference, sparsity)
 
     t0 = time.perf_counter()
     model = merge_lora(base, adapter_dir).to(runtime.device)
@@ -533,11 +539,12 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
     write_json(out_dir / "optimize.json", summary)
     (out_dir / "variants.txt").write_text(result.table() + "\n")
     if tracker:
-        _log_optimize(tracker, result, out_dir, decision, int8)
+        _log_optimize(tracker, result, out_dir)
     return result
 
 
-def _log_optimize(tracker: Tracker, result: OptimizeResult, out_dir: Path, decision: Decision | None, int8: Decision) -> None:
+def _log_optimize(tracker: Tracker, result: OptimizeResult, out_dir: Path) -> None:
+    decision, int8 = result.pruning, result.int8
     metrics: dict[str, float] = {}
     for v in result.variants:
         for key in ("perplexity", "ppl_ratio", "size_mb", "sparsity", "tokens_per_s", "memory_mb"):
