@@ -14,6 +14,11 @@ from typing import Any
 from erpops.config import MLflowSettings
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""The MLflow UI opens the experiment with its model-training views (runs, metrics, models), not the GenAI ones."""
+
+
 def configure_mlflow(settings: MLflowSettings) -> str:
     """Point MLflow at the configured store and return the experiment id (creating it if needed)."""
     import mlflow
@@ -24,9 +29,14 @@ def configure_mlflow(settings: MLflowSettings) -> str:
     mlflow.set_registry_uri(settings.tracking_uri)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(settings.experiment_name)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(settings.experiment_name, artifact_location=_as_uri(settings.artifact_location))
+    if exp is None:
+        exp_id = client.create_experiment(settings.experiment_name, artifact_location=_as_uri(settings.artifact_location),
+                                          tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    else:
+        exp_id = exp.experiment_id
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # an experiment made before the tag, or by hand: set, never overwrite
+            client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp_id
 
 
 def _as_uri(location: str) -> str:

@@ -17,8 +17,9 @@ from erpops.config import GateConfig
 from erpops.device import Runtime
 from erpops.tracking import Tracker, write_json
 from evaluation.gates import GateVerdict, decide
-from registry.champion import ChampionModel
 from evaluation.scoring import generate_answers, reference_answer, response_nll
+from registry.champion import ChampionModel
+from training.gguf import load_gguf_model  # noqa: F401 (re-exported: bench/eval_throughput.py)
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +41,6 @@ def load_metric(name: str):
     import evaluate
 
     return evaluate.load(str(METRICS_DIR / f"{name}.py"))
-
-
-def load_gguf_model(gguf_path: Path):
-    """The shipped GGUF, dequantized by transformers' GGUF loader, with the tokenizer it carries."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    return model, tokenizer
 
 
 def score_model(model, tokenizer, examples: list[dict], cfg: GateConfig, runtime: Runtime) -> tuple[dict[str, float], list[dict]]:

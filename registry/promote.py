@@ -34,7 +34,10 @@ from registry import ledger
 
 log = logging.getLogger(__name__)
 
-PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5.23,<6", "gguf>=0.19", "mlflow>=3.17,<4"]
+PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5.23,<6", "gguf>=0.19", "mlflow>=3.17,<4", "pydantic>=2.7",
+                    "pyyaml>=6"]
+PYFUNC_PACKAGES = ("registry", "training", "evaluation", "erpops")
+"""Packages `registry.pyfunc_model` reaches when the model loads (GGUF loading, answer generation, device)."""
 KEEP_VERSIONS = 3
 """Retention: the newest versions that keep their artifacts whatever their aliases."""
 HEAVY_RUN_ARTIFACTS = ("adapter", "merged_model", "checkpoints", "gguf")
@@ -197,6 +200,13 @@ def apply_plan(client, model_name: str, plan: AliasPlan) -> None:
         client.set_registered_model_alias(model_name, alias, version)
 
 
+def pyfunc_code_paths() -> list[str]:
+    """The erpops packages the pyfunc model imports when it loads, carried inside the model (`code/`), so
+    `mlflow models serve -m models:/erp-assistant@champion` works where erpops is not installed."""
+    root = Path(__file__).resolve().parents[1]
+    return [str(root / pkg) for pkg in PYFUNC_PACKAGES]
+
+
 def log_shipped_model(run_id: str, tracking_uri: str, gguf_path: Path, modelfile: Path | None) -> str:
     """Log the GGUF (+ Modelfile) as a pyfunc model in the run; returns its model URI."""
     import mlflow
@@ -209,7 +219,7 @@ def log_shipped_model(run_id: str, tracking_uri: str, gguf_path: Path, modelfile
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=ERPAssistantModel(), artifacts=artifacts,
-                                       pip_requirements=PIP_REQUIREMENTS)
+                                       pip_requirements=PIP_REQUIREMENTS, code_paths=pyfunc_code_paths())
     return info.model_uri
 
 

@@ -15,7 +15,7 @@ class ERPAssistantModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from pathlib import Path
 
-        from evaluation.evaluate import load_gguf_model
+        from training.gguf import load_gguf_model
 
         self.model, self.tokenizer = load_gguf_model(Path(context.artifacts["gguf"]))
 

@@ -393,3 +393,53 @@ def test_parallel_pipeline_registrations_from_the_same_champion_one_promotes(mlf
     assert [m for m in _moves(mlflow_settings) if m[0] in ("champion", "previous")][1:] == [
         ("champion", v1, winner, "promote"), ("previous", None, v1, "promote")]
     assert L.ledger_drift(L.read_ledger(mlflow_settings), aliases, A) == {}
+
+
+LOAD_ELSEWHERE = r"""
+import importlib.util, json, sys
+# erpops is an editable install in this venv: hide it, as on a machine that only has the model
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
+sys.path[:] = [p for p in sys.path if p not in ("", ".", sys.argv[2])]
+hidden = [m for m in ("registry", "training", "evaluation", "erpops") if importlib.util.find_spec(m) is not None]
+import mlflow
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model("models:/erp-assistant@champion")
+answers = model.predict(["How do I post a journal entry?"], params={"max_new_tokens": 4})
+print(json.dumps({"importable_before": hidden, "answers": answers}))
+"""
+
+
+@pytest.mark.integration
+def test_registered_model_carries_its_code_and_loads_from_another_folder(mlflow_settings, tmp_path, tiny_model_dir):
+    """`models:/erp-assistant@champion` loads and answers in a process where the erpops packages are not
+    importable: the pyfunc model carries them (code_paths). The experiment opens as model training."""
+    import json
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from conftest import REPO
+    from erpops.tracking import Tracker
+    from training.gguf import convert
+
+    gguf = convert(tiny_model_dir, tmp_path / "model-f16.gguf", "f16")
+    tracker = Tracker.start(mlflow_settings, "code-paths")
+    uri = P.log_shipped_model(tracker.run_id, mlflow_settings.tracking_uri, gguf, None)
+    tracker.end()
+    P.register_version(mlflow_settings, uri, tracker.run_id, {"gate_verdict": "promote"}, True)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-c", LOAD_ELSEWHERE, mlflow_settings.tracking_uri, str(REPO)],
+                          cwd=elsewhere, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["importable_before"] == []  # the packages came from the model, not from this checkout
+    assert len(out["answers"]) == 1 and isinstance(out["answers"][0], str)
+
+    client = mlflow.MlflowClient(mlflow_settings.tracking_uri)
+    exp = client.get_experiment_by_name(mlflow_settings.experiment_name)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"

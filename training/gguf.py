@@ -106,3 +106,13 @@ def export_and_verify(hf_model, tokenizer, hf_dir: Path, out_dir: Path, kinds: l
                  f" -- FAILED: {problem}" if problem else "")
         del back
     return exports
+
+
+def load_gguf_model(gguf_path: Path):
+    """The shipped GGUF, dequantized by transformers' GGUF loader, with the tokenizer it carries."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    return model, tokenizer
