@@ -22,6 +22,23 @@ from erpops.config import DeployConfig
 log = logging.getLogger(__name__)
 
 
+def registered_bundle(tracking_uri: str, model_name: str, version: str, dest: Path) -> tuple[Path, ModelfileSpec]:
+    """A registered version's GGUF (downloaded under `dest`) and its Modelfile settings, read off the GGUF's own
+    tokenizer: what a release deploys is what the registry holds, whoever built it."""
+    import mlflow
+    from transformers import AutoTokenizer
+
+    from deployment.modelfile import modelfile_spec
+
+    mlflow.set_tracking_uri(tracking_uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version}", dst_path=str(dest)))
+    found = sorted(local.rglob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"{model_name} version {version} holds no GGUF among its model artifacts ({local})")
+    gguf = found[0]
+    return gguf, modelfile_spec(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+
+
 def deploy_model(cfg: DeployConfig, version: str, gguf_path: Path, spec: ModelfileSpec) -> tuple[OllamaRelease | None, str | None]:
     """The Ollama half: (release, None), or (None, reason) when no server answers at the host."""
     host = ollama_host(cfg.ollama_host)
@@ -38,18 +55,6 @@ def revert_knowledge_base(kb: KBRelease) -> None:
         point_alias(kb.uri, kb.alias, kb.previous_collection)
     else:
         drop_alias(kb.uri, kb.alias)
-
-
-def deploy_release(cfg: DeployConfig, version: str, docs: list[dict], gguf_path: Path,
-                   spec: ModelfileSpec) -> tuple[KBRelease, OllamaRelease | None, str | None]:
-    """Both halves for `erpops deploy`; the knowledge base is reverted if the model half fails."""
-    kb = deploy_knowledge_base(cfg, docs, f"v{version}")
-    try:
-        release, skipped = deploy_model(cfg, version, gguf_path, spec)
-    except BaseException:
-        revert_knowledge_base(kb)
-        raise
-    return kb, release, skipped
 
 
 def rollback_release(cfg: DeployConfig, version: str, tags: dict[str, str]) -> dict[str, str]:

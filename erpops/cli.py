@@ -86,6 +86,8 @@ def run(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     typer.echo("\n" + summary.table())
     for k, v in summary.metrics.items():
         typer.echo(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+    if summary.outputs.get("no_change"):
+        typer.echo("  no change: every stage came from the cache; no new model version")
     if "model_version" in summary.outputs:
         typer.echo(f"  model version: {summary.outputs['model_version']}  (see: erpops status; erpops ui)")
     typer.echo(f"summary: {path}")
@@ -257,36 +259,22 @@ def promote(version: str = typer.Argument(..., help="Model version to make champ
 @app.command()
 def deploy(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
            version: Optional[str] = typer.Option(None, help="Registered version to deploy (default: the champion).")):
-    """Deploy a registered version: knowledge-base collection + alias, and Ollama when a server answers."""
+    """Release a registered version (the release flow): knowledge-base collection + alias, and Ollama when a
+    server answers. Exit 1 when a stage failed; serving is then as it was."""
     _setup()
-    r = _load(recipe)
-    settings = _settings(mlflow_config)
-    import mlflow
-    from transformers import AutoTokenizer
+    _load(recipe)
+    from flows.release import release
 
-    from data_contracts.validate import validate_data
-    from deployment.deploy import deploy_release
-    from deployment.modelfile import modelfile_spec
-    from registry.promote import current_aliases, tag_version
-
-    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
-    version = version or current_aliases(client, settings.registered_model_name).get(settings.aliases.champion)
-    if version is None:
-        _fail("no champion to deploy: pass --version")
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{settings.registered_model_name}/{version}"))
-    gguf = next((local / "artifacts").glob("*.gguf"))
-    spec = modelfile_spec(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
-    import tempfile
-
-    data = validate_data(r.data, Path(tempfile.mkdtemp()))
-    kb, release, skipped = deploy_release(r.deploy, version, data.docs, gguf, spec)
-    tags = {"deploy.collection": kb.collection}
-    if release:
-        tags["deploy.ollama_release"] = release.release_tag
-    tag_version(settings, version, tags)
-    typer.echo(json.dumps({"version": version, "collection": kb.collection, "alias": kb.alias,
-                           "ollama": release.release_tag if release else f"skipped: {skipped}"}, indent=2))
+    state = release(recipe_path=recipe, mlflow_config=mlflow_config, version=version, return_state=True)
+    if not state.is_completed():
+        _fail(state.message or "release failed")
+    summary = state.result()
+    stages = {s["name"]: s for s in summary["stages"]}
+    kb, ollama = stages["deploy_kb"]["outputs"], stages["deploy_ollama"]
+    typer.echo(json.dumps({"version": summary["outputs"]["released_version"], "collection": kb.get("collection"),
+                           "alias": kb.get("alias"),
+                           "ollama": ollama["outputs"].get("release") or f"skipped: {ollama['reason']}",
+                           "summary": str(Path(summary["run_dir"]) / "run_summary.json")}, indent=2))
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""The run summary: every stage with status (ok / failed / skipped + reason), duration and outputs."""
+"""The run summary: every stage with status (ok / cached / failed / skipped + reason), duration and outputs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ STAGES = ("validate", "train", "optimize", "evaluate", "promote", "deploy_kb", "
 class StageRecord:
     name: str
     status: str = "pending"
-    """ok, failed or skipped."""
+    """pending, ok, cached (the stored result of an earlier run with the same key), failed or skipped."""
     reason: str | None = None
     duration_s: float = 0.0
     outputs: dict[str, Any] = field(default_factory=dict)

@@ -360,6 +360,24 @@ def tag_version(settings: MLflowSettings, version: str, tags: dict[str, str]) ->
         client.set_model_version_tag(settings.registered_model_name, version, k, str(v))
 
 
+def version_exists(settings: MLflowSettings, version: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _client(settings).get_model_version(settings.registered_model_name, version)
+    except MlflowException:
+        return False
+    return True
+
+
+def no_change(candidate_sha256: str, champion_version: str | None, champion_tags: Mapping[str, str]) -> str | None:
+    """Why gating the candidate is pointless: it is byte for byte the champion's shipped GGUF (a retrain with
+    nothing changed); None otherwise. Pure."""
+    if champion_version is not None and champion_tags.get("gguf_sha256") == candidate_sha256:
+        return f"the candidate is champion v{champion_version}'s GGUF (sha256 {candidate_sha256[:12]}): no change"
+    return None
+
+
 def version_tags(settings: MLflowSettings, version: str) -> dict[str, str]:
     return dict(_client(settings).get_model_version(settings.registered_model_name, version).tags or {})
 

@@ -115,19 +115,18 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
         with V.open_milvus(recipe.deploy.milvus_uri) as client_kb:
             assert V.alias_target(client_kb, recipe.deploy.collection_alias) == out["collection"]
 
-        # fix the data; the same recipe again gives the same model: no evidence of a difference, the gate holds
+        # fix the data; the same recipe again: every stage is found in the cache, the candidate is the champion's
+        # own GGUF, nothing is gated or registered ("no change")
         lines = (corpus / "qa_pairs.jsonl").read_text(encoding="utf-8").splitlines()
         (corpus / "qa_pairs.jsonl").write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
         v1 = out["model_version"]
         same = pipeline(str(recipe_path), str(env), run_name="same")
-        gate = same["stages"][3]["outputs"]
-        assert gate["champion_version"] == v1 and gate["verdict"] == "hold"
-        assert [s["status"] for s in same["stages"][5:]] == ["skipped", "skipped"]
-        report = json.loads(Path(gate["report"]).read_text())
-        assert {c["outcome"] for c in report["gate"]["comparisons"]} == {"same"}
-        assert "<img src=\"data:image/png;base64," in Path(gate["html_report"]).read_text()
-        v_same = same["outputs"]["model_version"]
-        assert aliases_of(client, name) == {"candidate": v_same, "champion": v1}
+        assert [s["status"] for s in same["stages"]] == ["cached"] * 3 + ["skipped"] * 4
+        assert same["outputs"]["no_change"] and same["outputs"]["model_version"] == v1
+        assert "no change" in same["stages"][3]["reason"]
+        assert len(client.search_model_versions(f"name='{name}'")) == before_versions
+        assert aliases_of(client, name) == {"candidate": v1, "champion": v1}
+        assert client.get_run(same["mlflow_run_id"]).data.tags["erpops.no_change"] == "true"
 
         # a worse model (one training step) is rejected, with the metric that regressed named. The tiny
         # model moves little in 8 steps (nll +0.06 nats), so this run allows 0.01 instead of 0.05
@@ -135,7 +134,18 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
                                ("max_perplexity: 1.0e+9", "max_perplexity: 1.0e+9\n  tolerances: {nll: 0.01}"), name="worse")
         worse = pipeline(str(worse_recipe), str(env), run_name="worse")
         gate = worse["stages"][3]["outputs"]
+        assert [s["status"] for s in worse["stages"][:5]] == ["cached", "ok", "ok", "ok", "ok"]
         assert gate["verdict"] == "reject" and any("nll" in r and "worse" in r for r in gate["reasons"])
+        assert aliases_of(client, name)["champion"] == v1
+        assert "<img src=\"data:image/png;base64," in Path(gate["html_report"]).read_text()
+
+        # only a gate setting changes: validate, train and optimize come from the cache, evaluate and promote run
+        reseeded = _recipe(tmp_path, corpus, ("max_steps: 8", "max_steps: 1"),
+                           ("max_perplexity: 1.0e+9", "max_perplexity: 1.0e+9\n  tolerances: {nll: 0.01}\n  bootstrap_seed: 7"),
+                           name="reseeded")
+        again = pipeline(str(reseeded), str(env), run_name="reseeded")
+        assert [s["status"] for s in again["stages"][:5]] == ["cached", "cached", "cached", "ok", "ok"]
+        assert again["stages"][3]["outputs"]["verdict"] == "reject"
         assert aliases_of(client, name)["champion"] == v1
 
         # a better one (more steps) is promoted: champion moves, the old one becomes previous

@@ -1,0 +1,120 @@
+"""The stages as Prefect tasks: one thin wrapper per plain stage function, with its cache key and retries.
+
+Each cached task's key is what the stage reads (erpops.stage_cache): a rerun with the same data, recipe
+section, upstream artefacts and code returns the stored result as a `Cached` state without running.
+Retries (exponential backoff, jitter) are set only on tasks that talk to a store (MLflow, Milvus, Ollama);
+computing stages fail once and say why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from data_contracts.validate import ValidateResult, validate_data
+from deployment.deploy import deploy_model
+from deployment.vector_store import deploy_knowledge_base
+from erpops.config import DataConfig, MLflowSettings, ModelConfig
+from erpops.stage_cache import ContentKey, artefacts_exist, digest_file, digest_json, digest_paths
+from evaluation.evaluate import evaluate_candidate
+from registry.champion import fetch_champion
+from registry.promote import AliasPlan, log_shipped_model, read_champion, register_version, tag_version, version_exists
+from training.base_model import MODELS_DIR, load_tokenizer, resolve_base_model
+from training.launch import train as train_stage
+from training.optimize import optimize_model
+
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2), "retry_jitter_factor": 0.5}
+"""Retries for tasks that talk to a store: 2 s, 4 s, 8 s (+/- 50%)."""
+
+
+def validate_step(data: DataConfig, model: ModelConfig, out_dir: Path, tracker=None) -> ValidateResult:
+    """Data contracts with the base model's tokenizer (loaded here, so a cache hit does not load it)."""
+    return validate_data(data, out_dir, tracker, load_tokenizer(model, MODELS_DIR))
+
+
+@dataclass(frozen=True)
+class Promoted:
+    version: str
+    plan: AliasPlan
+    settings: MLflowSettings
+    """The store it was registered in."""
+
+    def still_stands(self) -> bool:
+        """A cached promotion is reused only while its version exists and, if it moved the champion, the
+        champion is still that version (a failed release that put the champion back makes the next run
+        decide again)."""
+        if not version_exists(self.settings, self.version):
+            return False
+        champion = self.settings.aliases.champion
+        return champion not in self.plan.set or read_champion(self.settings).version == self.version
+
+
+def promote_step(settings: MLflowSettings, run_id: str, gguf_path: Path, modelfile: Path | None,
+                 lineage: dict[str, str], passed: bool, expected_champion: str | None) -> Promoted:
+    """Log the shipped GGUF as the run's pyfunc model, then register it and move aliases (compare-and-set)."""
+    model_uri = log_shipped_model(run_id, settings.tracking_uri, gguf_path, modelfile)
+    version, plan = register_version(settings, model_uri, run_id, lineage, passed, expected_champion=expected_champion)
+    return Promoted(version, plan, settings)
+
+
+def _validate_parts(i: dict[str, Any]) -> dict[str, Any]:
+    d: DataConfig = i["data"]
+    return {"data": d, "model": i["model"], "files": digest_paths([d.root / d.qa_pairs, d.root / d.chat_logs, d.root / d.docs])}
+
+
+def _train_parts(i: dict[str, Any]) -> dict[str, Any]:
+    r = i["recipe"]
+    return {"model": r.model, "lora": r.lora, "train": r.train, "max_seq_len": r.data.max_seq_len,
+            "examples": digest_json(i["train_examples"]), "runtime": digest_json(i["runtime"])}
+
+
+def _base_identity(base: Path | str) -> dict[str, str]:
+    config = Path(base) / "config.json"
+    return {"base": str(base), "config": digest_file(config) if config.is_file() else "none"}
+
+
+def _optimize_parts(i: dict[str, Any]) -> dict[str, Any]:
+    return {"optimize": i["cfg"], **_base_identity(i["base"]), "adapter": digest_paths([i["adapter_dir"]]),
+            "eval": digest_json(i["eval_examples"]), "calibration": digest_json(i.get("calibration_examples")),
+            "runtime": digest_json(i["runtime"])}
+
+
+def _evaluate_parts(i: dict[str, Any]) -> dict[str, Any]:
+    champion = i["champion"]
+    return {"gate": i["cfg"], "candidate": digest_file(i["gguf_path"]), "eval": digest_json(i["eval_examples"]),
+            "champion": None if champion is None else {
+                "version": champion.version, "metrics": champion.metrics,
+                "gguf": digest_file(champion.gguf) if champion.gguf else None},
+            "runtime": digest_json(i["runtime"])}
+
+
+def _promote_parts(i: dict[str, Any]) -> dict[str, Any]:
+    s: MLflowSettings = i["settings"]
+    lineage = {k: v for k, v in i["lineage"].items() if k not in ("git_commit", "mlflow_run_id", "recipe_hash")}
+    return {"store": s.tracking_uri, "model": s.registered_model_name, "gguf": digest_file(i["gguf_path"]),
+            "modelfile": digest_file(i["modelfile"]) if i["modelfile"] else None, "lineage": lineage,
+            "passed": i["passed"], "expected_champion": i["expected_champion"]}
+
+
+def _cached(stage: str, parts, packages: tuple[str, ...], valid=artefacts_exist) -> dict[str, Any]:
+    return {"cache_policy": ContentKey(stage=stage, parts=parts, packages=packages, valid=valid), "persist_result": True}
+
+
+validate_task = task(validate_step, name="validate", **_cached("validate", _validate_parts, ("data_contracts", "erpops")))
+base_model_task = task(resolve_base_model, name="base-model", cache_policy=NO_CACHE)
+train_task = task(train_stage, name="train", **_cached("train", _train_parts, ("training", "erpops")))
+optimize_task = task(optimize_model, name="optimize",
+                     **_cached("optimize", _optimize_parts, ("training", "deployment", "evaluation", "erpops")))
+champion_task = task(fetch_champion, name="fetch-champion", cache_policy=NO_CACHE, **IO_RETRIES)
+evaluate_task = task(evaluate_candidate, name="evaluate",
+                     **_cached("evaluate", _evaluate_parts, ("evaluation", "training", "erpops")))
+promote_task = task(promote_step, name="promote",
+                    **_cached("promote", _promote_parts, ("registry", "erpops"), valid=lambda r: r.still_stands()))
+tag_task = task(tag_version, name="tag-version", cache_policy=NO_CACHE, **IO_RETRIES)
+kb_task = task(deploy_knowledge_base, name="deploy-knowledge-base", cache_policy=NO_CACHE)
+ollama_task = task(deploy_model, name="deploy-ollama", cache_policy=NO_CACHE)
