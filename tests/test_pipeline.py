@@ -206,3 +206,29 @@ def test_ui_serves_the_same_store(tmp_path, env):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_a_run_that_failed_at_promote_resumes_there(prefect_harness, tmp_path, corpus, env, monkeypatch):
+    import mlflow
+
+    from erpops.config import load_mlflow_settings
+    from flows import steps
+    from flows.pipeline import pipeline
+
+    recipe_path = _recipe(tmp_path, corpus)
+    settings = load_mlflow_settings(env)
+    monkeypatch.setenv("OLLAMA_HOST", "http://127.0.0.1:9")  # no server: the Ollama half is skipped
+
+    def registry_down(*a, **k):
+        raise ConnectionError("registry unreachable")
+
+    with monkeypatch.context() as m:
+        m.setattr(steps, "register_version", registry_down)
+        state = pipeline(str(recipe_path), str(env), run_name="crashed", return_state=True)
+    assert state.is_failed() and "promote" in state.message
+    client = mlflow.MlflowClient(settings.tracking_uri, settings.tracking_uri)
+    assert client.search_model_versions(f"name='{settings.registered_model_name}'") == []
+
+    resumed = pipeline(str(recipe_path), str(env), run_name="resumed")
+    assert [s["status"] for s in resumed["stages"][:5]] == ["cached"] * 4 + ["ok"]
+    assert resumed["outputs"]["promoted"] and aliases_of(client, settings.registered_model_name)["champion"] == "1"

@@ -1,0 +1,79 @@
+"""Content-keyed step caching: keys from content (not run ids), stale records not reused, the pure no-change rule."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from erpops.stage_cache import ContentKey, artefacts_exist, code_version, digest_json, digest_paths, paths_in, stage_key
+from registry.promote import no_change
+
+
+@dataclass
+class Made:
+    path: Path
+    value: int
+
+
+CALLS = []
+
+
+def make(text: str, out: Path) -> Made:
+    CALLS.append(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return Made(out, len(text))
+
+
+def test_digest_json_ignores_key_order_and_digest_paths_sees_content(tmp_path):
+    assert digest_json({"a": 1, "b": [1, 2]}) == digest_json({"b": [1, 2], "a": 1})
+    assert digest_json({"a": 1}) != digest_json({"a": 2})
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.txt").write_text("one")
+    first = digest_paths([tmp_path / "d"])
+    (tmp_path / "d" / "x.txt").write_text("two")
+    assert digest_paths([tmp_path / "d"]) != first
+    assert digest_paths([tmp_path / "missing"]) != digest_paths([tmp_path / "d"])
+
+
+def test_stage_key_depends_on_stage_parts_and_code():
+    k = stage_key("train", {"lr": 1}, ("training",))
+    assert k == stage_key("train", {"lr": 1}, ("training",))
+    assert k != stage_key("train", {"lr": 2}, ("training",))
+    assert k != stage_key("optimize", {"lr": 1}, ("training",))
+    assert code_version(("training",)) != code_version(("registry",))
+
+
+def test_paths_in_finds_nested_paths(tmp_path):
+    made = {"a": [Made(tmp_path / "x", 1)], "b": (tmp_path / "y",)}
+    assert set(paths_in(made)) == {tmp_path / "x", tmp_path / "y"}
+    assert not artefacts_exist(made)
+
+
+def test_no_change_only_when_the_candidate_is_the_champions_gguf():
+    assert no_change("abc", "3", {"gguf_sha256": "abc"}).startswith("the candidate is champion v3")
+    assert no_change("abc", "3", {"gguf_sha256": "def"}) is None
+    assert no_change("abc", None, {}) is None
+
+
+@pytest.mark.integration
+def test_cached_across_flow_runs_rerun_on_change_or_missing_artefact(prefect_harness, tmp_path):
+    from prefect import flow, task
+
+    policy = ContentKey(stage="make", parts=lambda i: {"text": i["text"]}, packages=("erpops",))
+    make_task = task(make, cache_policy=policy, persist_result=True)
+
+    @flow
+    def run(text: str, out: str):
+        state = make_task.with_options(result_storage=tmp_path / "cache")(text, Path(out), return_state=True)
+        return state.name, state.result().path
+
+    CALLS.clear()
+    assert run("hello", str(tmp_path / "run1" / "x.txt"))[0] == "Completed"
+    name, path = run("hello", str(tmp_path / "run2" / "x.txt"))  # another run, same content: stored result
+    assert name == "Cached" and path == tmp_path / "run1" / "x.txt" and CALLS == ["hello"]
+    assert run("changed", str(tmp_path / "run3" / "x.txt"))[0] == "Completed"
+    (tmp_path / "run1" / "x.txt").unlink()  # the cached result's file is gone: the stage runs again
+    name, path = run("hello", str(tmp_path / "run4" / "x.txt"))
+    assert name == "Completed" and path.exists() and CALLS == ["hello", "changed", "hello"]
+    assert run("hello", str(tmp_path / "run5" / "x.txt")) == ("Cached", tmp_path / "run4" / "x.txt")
