@@ -6,6 +6,8 @@
     erpops status --history                     # every alias move: when, who, why (--at TIME: champion then)
     erpops promote 3 / erpops rollback          # move the champion by hand (--force --reason TEXT: past the gate)
     erpops ui                                   # MLflow UI over the same store
+    erpops up / erpops down                     # Prefect server + MLflow server + process worker on 127.0.0.1
+    erpops trigger -d erpops-pipeline/on-merge --watch --timeout 3600   # CI: run a deployment, exit by its state
 """
 
 from __future__ import annotations
@@ -343,6 +345,78 @@ def ui(mlflow_config: Optional[str] = MlflowOpt, port: int = typer.Option(5000, 
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     typer.echo(f"MLflow UI: http://127.0.0.1:{port}  (experiment {settings.experiment_name}, model {settings.registered_model_name})")
     raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+STACK_HOME = Path(".erpops/stack")
+
+
+@app.command()
+def up(mlflow_config: Optional[str] = MlflowOpt,
+       prefect_port: int = typer.Option(4200, help="Prefect server port on 127.0.0.1 (the next free one if taken)."),
+       mlflow_port: int = typer.Option(5000, help="MLflow server port on 127.0.0.1 (the next free one if taken)."),
+       prefect_db: Optional[str] = typer.Option(None, "--prefect-db", envvar="ERPOPS_PREFECT_DB",
+                                                help="Prefect database URL, e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/prefect (default: SQLite under .erpops/stack)."),
+       worker: bool = typer.Option(True, "--worker/--no-worker", help="Also start a process worker on the erpops-process pool."),
+       home: Path = typer.Option(STACK_HOME, help="Where the stack keeps its pid file, logs and Prefect state."),
+       timeout: float = typer.Option(120, help="Seconds to wait for each service to answer.")):
+    """Start a Prefect server, an MLflow server (same store as the CLI) and a process worker on 127.0.0.1; print
+    their URLs and what to export. `erpops down` stops them."""
+    from erpops.orchestration import OrchestrationError, start_stack
+
+    settings = _settings(mlflow_config)
+    art = settings.artifact_location if "://" in settings.artifact_location else Path(settings.artifact_location).resolve().as_uri()
+    try:
+        stack = start_stack(home, settings.tracking_uri, art, Path.cwd(), prefect_port, mlflow_port, prefect_db, worker, timeout)
+    except OrchestrationError as e:
+        _fail(str(e))
+    for svc in stack.services:
+        typer.echo(f"{svc.name:<15} {svc.url:<28} pid {svc.pid}  log {svc.log}")
+    typer.echo("export " + " ".join(f"{k}={v}" for k, v in stack.env.items()))
+    typer.echo("then: prefect --no-prompt deploy --all   (deployments of prefect.yaml)")
+
+
+@app.command()
+def down(home: Path = typer.Option(STACK_HOME, help="The folder `erpops up` used.")):
+    """Stop what `erpops up` started (by its pid file)."""
+    from erpops.orchestration import stop_stack
+
+    stopped = stop_stack(home)
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else f"nothing to stop (no {home / 'stack.json'})")
+
+
+@app.command()
+def trigger(deployment: str = typer.Option("erpops-pipeline/on-merge", "--deployment", "-d",
+                                           help="flow-name/deployment-name, as `prefect deployment ls` shows it."),
+            param: list[str] = typer.Option([], "--param", "-p", help="KEY=VALUE flow parameter (JSON values parsed); repeatable."),
+            watch: bool = typer.Option(False, "--watch", help="Wait for the final state; exit 0 only if it completed."),
+            timeout: float = typer.Option(3600, help="Seconds to wait with --watch; the run is cancelled after it."),
+            summary_file: Optional[Path] = typer.Option(None, "--summary-file", help="Append a Markdown report (state, gate verdict, stages) to this file, e.g. $GITHUB_STEP_SUMMARY.")):
+    """Run a Prefect deployment (CI: on merge). With --watch: exit 0 when the run completed, 1 when it failed,
+    crashed, was cancelled or did not finish within --timeout; 2 when the server or the deployment is not there."""
+    from erpops.orchestration import OrchestrationError, gate_verdict, parse_params, summary_markdown
+    from erpops.orchestration import trigger as run_trigger
+
+    try:
+        params = parse_params(param)
+    except ValueError as e:
+        _fail(str(e), 2)
+    try:
+        result = run_trigger(deployment, params, watch, timeout)
+    except OrchestrationError as e:
+        _fail(str(e), 2)
+    verdict = gate_verdict(result.summary) if result.summary else None
+    typer.echo(json.dumps({"deployment": result.deployment, "flow_run_id": result.flow_run_id, "state": result.state,
+                           "message": result.message, "gate_verdict": verdict,
+                           "model_version": (result.summary or {}).get("outputs", {}).get("model_version"),
+                           "no_change": (result.summary or {}).get("outputs", {}).get("no_change")}, indent=2))
+    if summary_file:
+        report = [f"## erpops: {deployment}", "", f"**state** {result.state}: {result.message}  ", ""]
+        if result.summary:
+            report.append(summary_markdown(result.summary).split("```json")[0])
+        with open(summary_file, "a", encoding="utf-8") as f:
+            f.write("\n".join(report) + "\n")
+    if watch:
+        raise typer.Exit(result.code)
 
 
 def main():

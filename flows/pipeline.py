@@ -15,6 +15,8 @@ from prefect import flow
 from prefect.states import Failed
 
 from erpops.config import load_recipe
+from erpops.orchestration import publish_summary
+from erpops.summary import RunSummary
 from flows.release import release
 from flows.train_and_gate import train_and_gate
 
@@ -28,15 +30,15 @@ def pipeline(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_config: 
     the reason and the summary file."""
     run_name = run_name or f"{load_recipe(recipe_path).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     state = train_and_gate(recipe_path, mlflow_config, run_name, reason, return_state=True)
-    if not state.is_completed():
-        return Failed(message=state.message)
-    summary = state.result()
-    if not summary["outputs"].get("promoted"):
-        return summary
-    promote = next(s for s in summary["stages"] if s["name"] == "promote")["outputs"]
-    state = release(recipe_path, mlflow_config, summary["outputs"]["model_version"], run_name,
-                    restore={"set": promote["aliases_set"], "delete": promote["aliases_deleted"],
-                             "before": promote["aliases_before"]}, return_state=True)
+    if state.is_completed() and state.result()["outputs"].get("promoted"):
+        summary = state.result()
+        promote = next(s for s in summary["stages"] if s["name"] == "promote")["outputs"]
+        state = release(recipe_path, mlflow_config, summary["outputs"]["model_version"], run_name,
+                        restore={"set": promote["aliases_set"], "delete": promote["aliases_deleted"],
+                                 "before": promote["aliases_before"]}, return_state=True)
+    path = load_recipe(recipe_path).output_root / run_name / "run_summary.json"
+    if path.is_file():  # the merged summary of both flows, on this run too (what `erpops trigger` reads)
+        publish_summary(RunSummary.read(path).to_dict())
     if not state.is_completed():
         return Failed(message=state.message)
     return state.result()

@@ -21,6 +21,7 @@ from prefect.states import Failed
 
 from deployment.deploy import registered_bundle, revert_knowledge_base
 from erpops.config import load_mlflow_settings, load_recipe
+from erpops.orchestration import publish_summary
 from erpops.runtime import setup_process
 from erpops.summary import RunSummary
 from evaluation.retrieval import read_golden
@@ -63,6 +64,7 @@ def release(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_config: s
         summary.skip_rest("an earlier release stage failed")
     summary.outputs["released_version"] = version
     path = summary.write()
+    publish_summary(summary.to_dict())
     if summary.mlflow_run_id:
         from erpops.tracking import Tracker
 

@@ -21,6 +21,7 @@ from prefect.states import Failed
 from data_contracts.dataset import read_examples
 from erpops.config import load_mlflow_settings, load_recipe
 from erpops.device import resolve_runtime
+from erpops.orchestration import publish_summary
 from erpops.runtime import git_commit, setup_process
 from erpops.stage_cache import digest_json
 from erpops.summary import RunSummary
@@ -77,6 +78,7 @@ def train_and_gate(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_co
         tracker.log_dict(summary.to_dict(), "run_summary.json")
         tracker.end("FINISHED" if summary.ok else "FAILED")
         path = summary.write()
+        publish_summary(summary.to_dict())
     if not summary.ok:  # a Failed state, not an exception: the reason is in the summary, not a traceback
         failed = [f"{r.name}: {r.reason}" for r in summary.stages.values() if r.status == "failed"]
         return Failed(message=f"pipeline failed ({'; '.join(failed)}); summary: {path}")

@@ -1,0 +1,339 @@
+"""Operations on Prefect itself: the local stack (`erpops up` / `down`), deployment runs for CI (`erpops trigger`),
+and the run summary published as a Prefect artifact.
+
+    erpops up                      # Prefect server + MLflow server on 127.0.0.1 + a process worker; prints URLs
+    prefect deploy --all           # the deployments of prefect.yaml (nightly, on-merge, release)
+    erpops trigger --deployment erpops-pipeline/on-merge --watch --timeout 1800
+    erpops down
+
+Nothing here schedules or queues work: schedules, triggers and the work pool are Prefect's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+WORK_POOL = "erpops-process"
+"""The process work pool the deployments of prefect.yaml run on."""
+SUMMARY_ARTIFACT = "erpops-run-summary"
+"""Key of the Prefect artifact holding a run's summary (the Prefect UI shows it; `erpops trigger` reads it)."""
+FINAL_OK = "COMPLETED"
+
+
+class OrchestrationError(RuntimeError):
+    """The server, the deployment or the worker is not there; the message says which and what to do."""
+
+
+# -- the local stack ---------------------------------------------------------------------------------------
+
+@dataclass
+class Service:
+    name: str
+    pid: int
+    url: str
+    log: str
+
+
+@dataclass
+class Stack:
+    services: list[Service] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    """What a shell needs to use the stack (PREFECT_API_URL, MLFLOW_TRACKING_URI)."""
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def read(cls, path: Path) -> "Stack":
+        data = json.loads(path.read_text())
+        return cls([Service(**s) for s in data["services"]], data.get("env", {}))
+
+
+def free_port(preferred: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status < 500:
+                    return
+        except OSError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise OrchestrationError(f"{url}: the process exited with {proc.returncode} before answering\n{tail}")
+        if time.time() > deadline:
+            raise OrchestrationError(f"{url} did not answer within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def _spawn(name: str, cmd: list[str], env: dict[str, str], logs: Path, cwd: Path) -> tuple[subprocess.Popen, Path]:
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{name}.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log
+
+
+def start_stack(home: Path, tracking_uri: str, artifact_root: str, project_dir: Path, prefect_port: int = 4200,
+                mlflow_port: int = 5000, prefect_database_url: str | None = None, worker: bool = True,
+                timeout: float = 120.0) -> Stack:
+    """Start a Prefect server, an MLflow server and (optionally) a process worker, each in its own process
+    group, and wait until they answer. Prefect keeps its state under `home` (SQLite) unless
+    `prefect_database_url` names a database (e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/prefect)."""
+    stack_file = home / "stack.json"
+    if stack_file.exists() and any(_alive(s.pid) for s in Stack.read(stack_file).services):
+        raise OrchestrationError(f"a stack is already running (see {stack_file}); `erpops down` stops it")
+    prefect_port, mlflow_port = free_port(prefect_port), free_port(mlflow_port)
+    api = f"http://127.0.0.1:{prefect_port}/api"
+    env = {**os.environ, "PREFECT_HOME": str((home / "prefect").resolve()), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "ERPOPS_PROJECT_DIR": str(project_dir.resolve()),
+           "MLFLOW_TRACKING_URI": tracking_uri}
+    if prefect_database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = prefect_database_url
+    logs = home / "logs"
+    stack = Stack(env={"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": tracking_uri,
+                       "ERPOPS_PROJECT_DIR": env["ERPOPS_PROJECT_DIR"], "PREFECT_HOME": env["PREFECT_HOME"]})
+    started: list[subprocess.Popen] = []
+    try:
+        p, log = _spawn("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                           "--port", str(prefect_port)], env, logs, project_dir)
+        started.append(p)
+        stack.services.append(Service("prefect-server", p.pid, f"http://127.0.0.1:{prefect_port}", str(log)))
+        m, mlog = _spawn("mlflow-server", [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
+                                           "--default-artifact-root", artifact_root, "--host", "127.0.0.1",
+                                           "--port", str(mlflow_port), "--workers", "1"], env, logs, project_dir)
+        started.append(m)
+        stack.services.append(Service("mlflow-server", m.pid, f"http://127.0.0.1:{mlflow_port}", str(mlog)))
+        wait_http(f"{api}/health", timeout, p, log)
+        wait_http(f"http://127.0.0.1:{mlflow_port}/health", timeout, m, mlog)
+        if worker:
+            w, wlog = _spawn("prefect-worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL,
+                                                "--type", "process"], env, logs, project_dir)
+            started.append(w)
+            stack.services.append(Service("prefect-worker", w.pid, WORK_POOL, str(wlog)))
+            wait_pool(api, WORK_POOL, timeout, w, wlog)
+    except BaseException:
+        for proc in started:
+            _stop(proc.pid)
+        raise
+    stack.write(stack_file)
+    return stack
+
+
+def wait_pool(api: str, pool: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Until the work pool exists and a worker polls it."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            req = urllib.request.Request(f"{api}/work_pools/{pool}/workers/filter", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                if json.loads(r.read()):
+                    return
+        except OSError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise OrchestrationError(f"the worker for pool {pool} exited with {proc.returncode}\n{tail}")
+        if time.time() > deadline:
+            raise OrchestrationError(f"no worker polled pool {pool} within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def stop_stack(home: Path, timeout: float = 30.0) -> list[str]:
+    """Stop every process of the stack (SIGTERM to its group, SIGKILL after `timeout`); returns their names."""
+    stack_file = home / "stack.json"
+    if not stack_file.exists():
+        return []
+    stack = Stack.read(stack_file)
+    for s in reversed(stack.services):  # the worker first, so it does not pick up work while the server goes
+        _stop(s.pid, timeout)
+    stack_file.unlink()
+    return [s.name for s in stack.services]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _stop(pid: int, timeout: float = 30.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except OSError:
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            finished, _ = os.waitpid(pid, os.WNOHANG)
+            if finished:
+                return
+        except ChildProcessError:  # not our child (another `erpops` started it): poll instead
+            if not _alive(pid):
+                return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+# -- triggering deployments --------------------------------------------------------------------------------
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """`k=v` pairs; a value that parses as JSON is taken as such (numbers, true, null), else as a string."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {pair!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def exit_code(state_type: str | None) -> int:
+    """0 only for a run that completed; 1 for failed, crashed, cancelled or still-unfinished runs. Pure."""
+    return 0 if state_type == FINAL_OK else 1
+
+
+@dataclass
+class TriggerResult:
+    deployment: str
+    flow_run_id: str
+    state: str
+    """Final state type (COMPLETED, FAILED, ...), or where it stood when the timeout hit."""
+    message: str
+    summary: dict | None
+    """The run summary the flow published (SUMMARY_ARTIFACT), when there is one."""
+
+    @property
+    def code(self) -> int:
+        return exit_code(self.state)
+
+
+def trigger(deployment: str, parameters: dict[str, Any], watch: bool, timeout: float, poll_s: float = 2.0) -> TriggerResult:
+    """Create a run of `deployment` ("flow-name/deployment-name"); with `watch`, wait for its final state.
+
+    Raises OrchestrationError for a server that does not answer or an unknown deployment. A run still not
+    final after `timeout` seconds is cancelled (a late start would surprise whoever reads the exit code), and
+    the message says whether a worker ever picked it up."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        raise OrchestrationError("PREFECT_API_URL is not set: start the stack with `erpops up` and export what it prints")
+    try:
+        wait_http(f"{api}/health", min(timeout, 10))
+    except OrchestrationError:
+        raise OrchestrationError(f"no Prefect server answers at {api}: start it with `erpops up`") from None
+    with get_client(sync_client=True) as client:
+        try:
+            dep = client.read_deployment_by_name(deployment)
+        except ObjectNotFound:
+            flows = {f.id: f.name for f in client.read_flows()}
+            known = sorted(f"{flows.get(d.flow_id, '?')}/{d.name}" for d in client.read_deployments())
+            raise OrchestrationError(f"unknown deployment {deployment!r} (flow-name/deployment-name); "
+                                     f"deployments on {api}: {known or 'none (run `prefect deploy --all`)'}") from None
+        run = client.create_flow_run_from_deployment(dep.id, parameters=parameters, tags=["erpops-trigger"])
+        if not watch:
+            return TriggerResult(deployment, str(run.id), run.state.type.value if run.state else "SCHEDULED",
+                                 "created", None)
+        deadline, started = time.time() + timeout, False
+        while True:
+            run = client.read_flow_run(run.id)
+            state = run.state
+            started = started or (state is not None and state.type.value not in ("SCHEDULED", "PENDING"))
+            if state is not None and state.is_final():
+                return TriggerResult(deployment, str(run.id), state.type.value, state.message or state.name,
+                                     _summary(client, run.id))
+            if time.time() > deadline:
+                from prefect.states import Cancelled
+
+                client.set_flow_run_state(run.id, Cancelled(message=f"erpops trigger: not finished within {timeout:.0f} s"),
+                                          force=True)
+                why = ("still running" if started else
+                       f"never started: no worker picked it up from pool {dep.work_pool_name!r} (`prefect worker start "
+                       f"--pool {dep.work_pool_name}`)")
+                return TriggerResult(deployment, str(run.id), state.type.value if state else "SCHEDULED",
+                                     f"timed out after {timeout:.0f} s ({why}); the run was cancelled", None)
+            time.sleep(poll_s)
+
+
+def _summary(client, flow_run_id) -> dict | None:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    found = client.read_artifacts(artifact_filter=ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[SUMMARY_ARTIFACT])))
+    if not found:
+        return None
+    return summary_from_markdown(sorted(found, key=lambda a: a.created)[-1].data or "")
+
+
+def summary_markdown(summary: dict) -> str:
+    """The run summary as the Prefect UI shows it: a stage table, the verdict, then the JSON itself."""
+    lines = ["| stage | status | time s | detail |", "|---|---|---|---|"]
+    for s in summary.get("stages", []):
+        lines.append(f"| {s['name']} | {s['status']} | {s['duration_s']} | {(s.get('reason') or '').replace('|', '/')} |")
+    out = summary.get("outputs", {})
+    head = [f"**model version** {out.get('model_version', '-')}  ",
+            f"**gate verdict** {gate_verdict(summary) or '-'}  ",
+            f"**no change** {out.get('no_change', False)}"]
+    return "\n".join(head + [""] + lines + ["", "```json", json.dumps(summary, ensure_ascii=False, default=str), "```"])
+
+
+def summary_from_markdown(markdown: str) -> dict | None:
+    start = markdown.find("```json\n")
+    end = markdown.rfind("\n```")
+    if start < 0 or end <= start:
+        return None
+    try:
+        return json.loads(markdown[start + len("```json\n"):end])
+    except json.JSONDecodeError:
+        return None
+
+
+def gate_verdict(summary: dict) -> str | None:
+    for s in summary.get("stages", []):
+        if s["name"] == "evaluate":
+            return (s.get("outputs") or {}).get("verdict") or (s["status"] if s["status"] != "ok" else None)
+    return None
+
+
+def publish_summary(summary: dict) -> None:
+    """The summary as a Prefect artifact of the current flow run (a no-op outside one)."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return
+    create_markdown_artifact(summary_markdown(summary), key=SUMMARY_ARTIFACT, description="erpops run summary")

@@ -1,0 +1,133 @@
+"""Orchestration on real parts: `erpops up` (Prefect server, MLflow server, process worker), `prefect deploy --all`
+from prefect.yaml, and `erpops trigger --watch` exit codes for a passing run, a failing run (bad data), an unknown
+deployment, a pool no worker polls, and a server that is down. Plus the pure parts (parameters, exit codes,
+the summary artifact's round trip, prefect.yaml's shape)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, make_corpus
+from erpops.orchestration import exit_code, parse_params, summary_from_markdown, summary_markdown
+
+
+def test_parse_params_reads_json_values_and_refuses_a_missing_equals():
+    assert parse_params(["a=1", "b=true", "c=text", "d=null", "e={\"x\": 2}", "f=a=b"]) == {
+        "a": 1, "b": True, "c": "text", "d": None, "e": {"x": 2}, "f": "a=b"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_params(["novalue"])
+
+
+def test_exit_code_is_0_only_for_completed():
+    assert exit_code("COMPLETED") == 0
+    assert {exit_code(s) for s in ("FAILED", "CRASHED", "CANCELLED", "RUNNING", "SCHEDULED", None)} == {1}
+
+
+def test_summary_artifact_round_trips():
+    summary = {"stages": [{"name": "evaluate", "status": "ok", "duration_s": 1.0, "reason": None,
+                           "outputs": {"verdict": "hold"}}], "outputs": {"model_version": "3", "no_change": False}}
+    md = summary_markdown(summary)
+    assert "| evaluate | ok |" in md and "**gate verdict** hold" in md
+    assert summary_from_markdown(md) == summary
+    assert summary_from_markdown("no json here") is None
+
+
+def test_prefect_yaml_deployments_run_on_the_process_pool_with_a_seoul_nightly():
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deps = {d["name"]: d for d in spec["deployments"]}
+    assert set(deps) >= {"nightly-retrain", "on-merge", "train-and-gate", "release-dev"}
+    assert {d["work_pool"]["name"] for d in deps.values()} == {"erpops-process"}
+    nightly = deps["nightly-retrain"]["schedules"][0]
+    assert nightly["timezone"] == "Asia/Seoul" and len(nightly["cron"].split()) == 5
+    for d in deps.values():  # every entrypoint names a real flow
+        path, func = d["entrypoint"].split(":")
+        assert f"def {func}(" in (REPO / path).read_text()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _erpops(*args, env, timeout=900):
+    return subprocess.run([sys.executable, "-m", "erpops.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=timeout)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_up_deploy_trigger_exit_codes_then_down(tmp_path):
+    corpus = make_corpus(tmp_path / "erp")
+    recipe = (REPO / "recipes" / "tiny" / "test.yaml").read_text()
+    recipe = (recipe.replace("root: data/erp", f"root: {corpus}")
+              .replace("output_root: .erpops/runs", f"output_root: {tmp_path / 'runs'}")
+              .replace("milvus_uri: .erpops/milvus.db", f"milvus_uri: {tmp_path / 'milvus.db'}"))
+    (tmp_path / "tiny.yaml").write_text(recipe)
+    (tmp_path / "mlflow.yaml").write_text(f"tracking_uri: sqlite:///{tmp_path}/mlflow.db\n"
+                                          f"artifact_location: {tmp_path / 'artifacts'}\n")
+    home = tmp_path / "stack"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    env.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true",
+               OLLAMA_HOST="http://127.0.0.1:9")
+    up = _erpops("up", "--home", str(home), "--mlflow-config", str(tmp_path / "mlflow.yaml"),
+                 "--prefect-port", str(_free_port()), "--mlflow-port", str(_free_port()), env=env, timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        exports = next(line for line in up.stdout.splitlines() if line.startswith("export "))
+        env.update(dict(kv.split("=", 1) for kv in exports[len("export "):].split()))
+        assert {"PREFECT_API_URL", "MLFLOW_TRACKING_URI"} <= set(env)
+        mlflow_url = next(line.split()[1] for line in up.stdout.splitlines() if line.startswith("mlflow-server"))
+        import urllib.request
+
+        with urllib.request.urlopen(f"{mlflow_url}/health") as r:  # the MLflow server answers
+            assert r.status == 200
+
+        deploy = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+
+        params = ["-p", f"recipe_path={tmp_path / 'tiny.yaml'}", "-p", f"mlflow_config={tmp_path / 'mlflow.yaml'}"]
+        summary_md = tmp_path / "summary.md"
+        ok = _erpops("trigger", "-d", "erpops-pipeline/on-merge", *params, "--watch", "--timeout", "600",
+                     "--summary-file", str(summary_md), env=env)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        result = json.loads(ok.stdout)
+        assert result["state"] == "COMPLETED" and result["gate_verdict"] == "promote" and result["model_version"] == "1"
+        assert "| promote | ok |" in summary_md.read_text()
+
+        with open(corpus / "qa_pairs.jsonl", "a", encoding="utf-8") as f:  # bad data: the run fails at validate
+            f.write('{"id": "qa-bad", "module": "hr", "lang": "en", "instruction": "Hi", "response": "<|im_end|>"}\n')
+        bad = _erpops("trigger", "-d", "erpops-pipeline/on-merge", *params, "--watch", "--timeout", "600", env=env)
+        assert bad.returncode == 1, bad.stdout + bad.stderr
+        failed = json.loads(bad.stdout)
+        assert failed["state"] == "FAILED" and "validate" in failed["message"] and failed["model_version"] is None
+
+        unknown = _erpops("trigger", "-d", "erpops-pipeline/nope", "--watch", "--timeout", "30", env=env)
+        assert unknown.returncode == 2 and "unknown deployment" in unknown.stderr
+        assert "erpops-pipeline/on-merge" in unknown.stderr and "Traceback" not in unknown.stderr
+
+        stack = json.loads((home / "stack.json").read_text())
+        worker = next(s for s in stack["services"] if s["name"] == "prefect-worker")
+        os.killpg(worker["pid"], 15)  # nobody polls the pool now: the run must time out, be cancelled, exit 1
+        orphan = _erpops("trigger", "-d", "train-and-gate/train-and-gate", *params, "--watch", "--timeout", "20", env=env)
+        assert orphan.returncode == 1, orphan.stdout + orphan.stderr
+        late = json.loads(orphan.stdout)
+        assert "no worker picked it up" in late["message"] and "erpops-process" in late["message"]
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+            assert client.read_flow_run(late["flow_run_id"]).state.type.value == "CANCELLED"
+    finally:
+        down = _erpops("down", "--home", str(home), env=env)
+    assert down.returncode == 0 and "prefect-server" in down.stdout
+    gone = _erpops("trigger", "-d", "erpops-pipeline/on-merge", "--watch", "--timeout", "5", env=env)
+    assert gone.returncode == 2 and "no Prefect server answers" in gone.stderr
