@@ -356,6 +356,8 @@ def up(mlflow_config: Optional[str] = MlflowOpt,
        mlflow_port: int = typer.Option(5000, help="MLflow server port on 127.0.0.1 (the next free one if taken)."),
        prefect_db: Optional[str] = typer.Option(None, "--prefect-db", envvar="ERPOPS_PREFECT_DB",
                                                 help="Prefect database URL, e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/prefect (default: SQLite under .erpops/stack)."),
+       mlflow_backend: Optional[str] = typer.Option(None, "--mlflow-backend", envvar="ERPOPS_MLFLOW_BACKEND",
+                                                    help="The MLflow server's backend store, e.g. postgresql://postgres@127.0.0.1:5432/mlflow; clients then use the server's URL (default: the mlflow.yaml store, which the CLI also reads directly)."),
        worker: bool = typer.Option(True, "--worker/--no-worker", help="Also start a process worker on the erpops-process pool."),
        home: Path = typer.Option(STACK_HOME, help="Where the stack keeps its pid file, logs and Prefect state."),
        timeout: float = typer.Option(120, help="Seconds to wait for each service to answer.")):
@@ -366,7 +368,8 @@ def up(mlflow_config: Optional[str] = MlflowOpt,
     settings = _settings(mlflow_config)
     art = settings.artifact_location if "://" in settings.artifact_location else Path(settings.artifact_location).resolve().as_uri()
     try:
-        stack = start_stack(home, settings.tracking_uri, art, Path.cwd(), prefect_port, mlflow_port, prefect_db, worker, timeout)
+        stack = start_stack(home, mlflow_backend or settings.tracking_uri, art, Path.cwd(), prefect_port, mlflow_port,
+                            prefect_db, worker, timeout, clients_use_server=mlflow_backend is not None)
     except OrchestrationError as e:
         _fail(str(e))
     for svc in stack.services:

@@ -61,13 +61,13 @@ class Stack:
 
 
 def free_port(preferred: int) -> int:
+    """`preferred` when it is free on 127.0.0.1, else (or for 0) one the kernel picks."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", preferred))
-            return preferred
         except OSError:
             s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
@@ -97,23 +97,26 @@ def _spawn(name: str, cmd: list[str], env: dict[str, str], logs: Path, cwd: Path
 
 def start_stack(home: Path, tracking_uri: str, artifact_root: str, project_dir: Path, prefect_port: int = 4200,
                 mlflow_port: int = 5000, prefect_database_url: str | None = None, worker: bool = True,
-                timeout: float = 120.0) -> Stack:
+                timeout: float = 120.0, clients_use_server: bool = False) -> Stack:
     """Start a Prefect server, an MLflow server and (optionally) a process worker, each in its own process
     group, and wait until they answer. Prefect keeps its state under `home` (SQLite) unless
-    `prefect_database_url` names a database (e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/prefect)."""
+    `prefect_database_url` names a database (e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/prefect).
+    `tracking_uri` is the MLflow server's backend store; with `clients_use_server` the flows (the worker's and
+    what the printed exports set) track through the server's URL instead of opening the store themselves."""
     stack_file = home / "stack.json"
     if stack_file.exists() and any(_alive(s.pid) for s in Stack.read(stack_file).services):
         raise OrchestrationError(f"a stack is already running (see {stack_file}); `erpops down` stops it")
     prefect_port, mlflow_port = free_port(prefect_port), free_port(mlflow_port)
     api = f"http://127.0.0.1:{prefect_port}/api"
+    client_uri = f"http://127.0.0.1:{mlflow_port}" if clients_use_server else tracking_uri
     env = {**os.environ, "PREFECT_HOME": str((home / "prefect").resolve()), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "ERPOPS_PROJECT_DIR": str(project_dir.resolve()),
-           "MLFLOW_TRACKING_URI": tracking_uri}
+           "MLFLOW_TRACKING_URI": client_uri}
     if prefect_database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = prefect_database_url
     logs = home / "logs"
-    stack = Stack(env={"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": tracking_uri,
+    stack = Stack(env={"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": client_uri,
                        "ERPOPS_PROJECT_DIR": env["ERPOPS_PROJECT_DIR"], "PREFECT_HOME": env["PREFECT_HOME"]})
     started: list[subprocess.Popen] = []
     try:

@@ -247,7 +247,9 @@ def register_version(settings: MLflowSettings, model_uri: str, run_id: str, tags
         lineage = {**{k: str(v) for k, v in tags.items()}, "parent_champion": aliases.get(names.champion, "none")}
         if skipped:
             lineage[SKIPPED_TAG] = skipped
-        mv = client.create_model_version(name, model_uri, run_id=run_id, tags=lineage)
+        # a logged model's URI is models:/<model id>; a tracking server checks the source against model_id
+        model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/m-") else None
+        mv = client.create_model_version(name, model_uri, run_id=run_id, tags=lineage, model_id=model_id)
         version = str(mv.version)
         plan = replace(plan_promotion(aliases, version, passed and not skipped, names), before=aliases, skipped=skipped)
         try:

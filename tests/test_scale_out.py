@@ -1,0 +1,88 @@
+"""Scale-out on existing engines, for real: the Prefect server on PostgreSQL and the MLflow tracking server on
+PostgreSQL (this machine kind runs PostgreSQL on 127.0.0.1:5432), the tiny pipeline run against both."""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from conftest import REPO, make_corpus
+
+PG = dict(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+
+
+def _pg():
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(connect_timeout=3, **PG)
+    except Exception as e:  # noqa: BLE001 - any failure to connect means: no server here
+        pytest.skip(f"no PostgreSQL at {PG['host']}:{PG['port']} ({type(e).__name__}: {e})")
+    conn.autocommit = True
+    return conn
+
+
+def _query(db: str, sql: str):
+    import psycopg2
+
+    with psycopg2.connect(**{**PG, "dbname": db}) as conn, conn.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetchall()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_pipeline_on_prefect_and_mlflow_servers_backed_by_postgresql(tmp_path):
+    admin = _pg()
+    suffix = uuid.uuid4().hex[:8]
+    prefect_db, mlflow_db = f"erpops_prefect_{suffix}", f"erpops_mlflow_{suffix}"
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {prefect_db}")
+        cur.execute(f"CREATE DATABASE {mlflow_db}")
+    corpus = make_corpus(tmp_path / "erp")
+    recipe = (REPO / "recipes" / "tiny" / "test.yaml").read_text()
+    recipe = (recipe.replace("root: data/erp", f"root: {corpus}")
+              .replace("output_root: .erpops/runs", f"output_root: {tmp_path / 'runs'}")
+              .replace("milvus_uri: .erpops/milvus.db", f"milvus_uri: {tmp_path / 'milvus.db'}"))
+    (tmp_path / "tiny.yaml").write_text(recipe)
+    (tmp_path / "mlflow.yaml").write_text(f"artifact_location: {tmp_path / 'artifacts'}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    env.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true",
+               OLLAMA_HOST="http://127.0.0.1:9")
+    home = tmp_path / "stack"
+
+    def erpops(*args, timeout=900):
+        return subprocess.run([sys.executable, "-m", "erpops.cli", *args], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=timeout)
+
+    try:
+        up = erpops("up", "--home", str(home), "--no-worker", "--mlflow-config", str(tmp_path / "mlflow.yaml"),
+                    "--prefect-port", "0", "--mlflow-port", "0",
+                    "--prefect-db", f"postgresql+asyncpg://postgres@127.0.0.1:5432/{prefect_db}",
+                    "--mlflow-backend", f"postgresql://postgres@127.0.0.1:5432/{mlflow_db}", timeout=300)
+        assert up.returncode == 0, up.stdout + up.stderr
+        exports = next(line for line in up.stdout.splitlines() if line.startswith("export "))
+        env.update(dict(kv.split("=", 1) for kv in exports[len("export "):].split()))
+        assert env["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
+
+        run = erpops("run", "--recipe", str(tmp_path / "tiny.yaml"), "--mlflow-config", str(tmp_path / "mlflow.yaml"),
+                     "--run-name", "pg")
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        summary = json.loads((tmp_path / "runs" / "pg" / "run_summary.json").read_text())
+        assert summary["ok"] and summary["outputs"]["model_version"] == "1"
+
+        # the state is in PostgreSQL: Prefect's flow runs (the pipeline and its two subflows) and MLflow's registry
+        flows = dict(_query(prefect_db, "SELECT f.name, count(*) FROM flow_run r JOIN flow f ON f.id = r.flow_id "
+                                        "WHERE r.state_type = 'COMPLETED' GROUP BY f.name"))
+        assert flows == {"erpops-pipeline": 1, "train-and-gate": 1, "release": 1}
+        assert _query(mlflow_db, "SELECT name, version FROM model_versions") == [("erp-assistant", 1)]
+        assert ("champion", 1) in _query(mlflow_db, "SELECT alias, version FROM registered_model_aliases")
+    finally:
+        erpops("down", "--home", str(home))
+        with admin.cursor() as cur:
+            for db in (prefect_db, mlflow_db):
+                cur.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        admin.close()
