@@ -89,7 +89,7 @@ def run(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     for k, v in summary.metrics.items():
         typer.echo(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
     if summary.outputs.get("no_change"):
-        typer.echo("  no change: every stage came from the cache; no new model version")
+        typer.echo("  no change: the candidate is the champion's model, or its gate decision is cached; no new version")
     if "model_version" in summary.outputs:
         typer.echo(f"  model version: {summary.outputs['model_version']}  (see: erpops status; erpops ui)")
     typer.echo(f"summary: {path}")

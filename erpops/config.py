@@ -122,6 +122,11 @@ class TrainConfig(_Strict):
     """Padding-free batches: examples packed into rows of up to data.max_seq_len tokens (block-diagonal attention)."""
     gradient_checkpointing: bool = False
     """Recompute layer activations in the backward pass: much less activation memory for about a third more compute."""
+    deployment: str | None = None
+    """Prefect deployment (flow-name/deployment-name) that runs this stage elsewhere, e.g. `train-remote/train-gpu` on
+    a GPU work pool; the result comes back through the MLflow run (adapter, train/result.json). None: in this process."""
+    deployment_timeout_s: float = Field(7200.0, gt=0)
+    """How long the train stage waits for that deployment's run before it fails (the run is then cancelled)."""
     num_processes: int = Field(1, ge=1)
     """Data-parallel processes (one per GPU; gloo processes on CPU). Above 1, the train stage runs itself under
     `accelerate launch`; batch_size stays the global batch, so the loss curve does not depend on this number."""

@@ -8,6 +8,7 @@ computing stages fail once and say why.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,16 @@ from prefect.tasks import exponential_backoff
 from data_contracts.validate import ValidateResult, validate_data
 from deployment.deploy import deploy_model
 from deployment.vector_store import deploy_knowledge_base
-from erpops.config import DataConfig, MLflowSettings, ModelConfig
+from erpops.config import DataConfig, MLflowSettings, ModelConfig, Recipe
+from erpops.device import Runtime
+from erpops.tracking import Tracker
 from erpops.stage_cache import ContentKey, artefacts_exist, digest_file, digest_json, digest_paths
 from evaluation.evaluate import evaluate_candidate
 from registry.champion import fetch_champion
 from registry.promote import AliasPlan, log_shipped_model, read_champion, register_version, tag_version, version_exists
 from training.base_model import MODELS_DIR, load_tokenizer, resolve_base_model
 from training.launch import train as train_stage
+from training.lora import TrainResult
 from training.optimize import optimize_model
 
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2), "retry_jitter_factor": 0.5}
@@ -60,6 +64,44 @@ def promote_step(settings: MLflowSettings, run_id: str, gguf_path: Path, modelfi
     model_uri = log_shipped_model(run_id, settings.tracking_uri, gguf_path, modelfile)
     version, plan = register_version(settings, model_uri, run_id, lineage, passed, expected_champion=expected_champion)
     return Promoted(version, plan, settings)
+
+
+def train_step(recipe: Recipe, base: Path | str, train_examples: list[dict], out_dir: Path, runtime: Runtime,
+               tracker: Tracker, resume: bool = False) -> TrainResult:
+    """The train stage here, or on `recipe.train.deployment` (another work pool) with the result passed back
+    through the MLflow run: the split goes up as an artifact, the adapter and `train/result.json` come back."""
+    if not recipe.train.deployment:
+        return train_stage(recipe, base, train_examples, out_dir, runtime, tracker, resume=resume)
+    import mlflow
+    from prefect.deployments import run_deployment
+
+    from flows.train_remote import RESULT_ARTIFACT, TRAIN_SPLIT_ARTIFACT
+
+    split = out_dir / "remote" / Path(TRAIN_SPLIT_ARTIFACT).name  # the rows given (validate may have been cached)
+    split.parent.mkdir(parents=True, exist_ok=True)
+    split.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in train_examples), encoding="utf-8")
+    tracker.log_artifact(split, str(Path(TRAIN_SPLIT_ARTIFACT).parent))
+    tracker.flush()
+    name, timeout = recipe.train.deployment, recipe.train.deployment_timeout_s
+    run = run_deployment(name, parameters={"recipe": recipe.model_dump(mode="json"), "mlflow_run_id": tracker.run_id,
+                                           "tracking_uri": tracker.tracking_uri}, timeout=timeout)
+    if run.state is None or not run.state.is_completed():
+        state = run.state.name if run.state else "unknown"
+        if run.state is not None and not run.state.is_final():
+            from prefect.client.orchestration import get_client
+            from prefect.states import Cancelled
+
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(run.id, Cancelled(message=f"train stage gave up after {timeout:.0f} s"), force=True)
+        raise RuntimeError(f"train deployment {name}: flow run {run.id} ended {state} "
+                           f"({run.state.message if run.state else 'no state'}) within {timeout:.0f} s")
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    got = Path(mlflow.artifacts.download_artifacts(run_id=tracker.run_id, artifact_path=RESULT_ARTIFACT,
+                                                   dst_path=str(out_dir / "remote")))
+    data = json.loads(got.read_text())
+    adapter = Path(mlflow.artifacts.download_artifacts(run_id=tracker.run_id, artifact_path="adapter",
+                                                       dst_path=str(out_dir)))
+    return TrainResult(**{**data, "adapter_dir": adapter})
 
 
 def _validate_parts(i: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +149,7 @@ def _cached(stage: str, parts, packages: tuple[str, ...], valid=artefacts_exist)
 
 validate_task = task(validate_step, name="validate", **_cached("validate", _validate_parts, ("data_contracts", "erpops")))
 base_model_task = task(resolve_base_model, name="base-model", cache_policy=NO_CACHE)
-train_task = task(train_stage, name="train", **_cached("train", _train_parts, ("training", "erpops")))
+train_task = task(train_step, name="train", **_cached("train", _train_parts, ("training", "erpops")))
 optimize_task = task(optimize_model, name="optimize",
                      **_cached("optimize", _optimize_parts, ("training", "deployment", "evaluation", "erpops")))
 champion_task = task(fetch_champion, name="fetch-champion", cache_policy=NO_CACHE, **IO_RETRIES)

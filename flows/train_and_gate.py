@@ -46,7 +46,7 @@ def train_and_gate(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_co
     """Validate -> train -> optimize -> evaluate -> promote, each stage cached by content.
 
     Returns the run summary (a dict; `outputs.promoted` says whether the champion moved, `outputs.no_change`
-    whether nothing had to run); when a stage failed, a Failed state whose message names the stage, the
+    that nothing new was registered: the candidate is the champion's GGUF, or its gate decision is cached); when a stage failed, a Failed state whose message names the stage, the
     reason and the summary file. `reason` (why this run started: a schedule, a merge, an alert) is a run tag.
     """
     setup_process()
@@ -71,8 +71,7 @@ def train_and_gate(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_co
     finally:
         if not summary.ok:
             summary.skip_rest("an earlier stage failed")
-        ran = [s.name for s in summary.stages.values() if s.status in ("ok", "failed")]
-        summary.outputs["no_change"] = summary.ok and not ran
+        summary.outputs.setdefault("no_change", False)
         tracker.set_tags({"erpops.no_change": str(summary.outputs["no_change"]).lower(),
                           "erpops.stages_cached": ",".join(s.name for s in summary.stages.values() if s.status == "cached")})
         tracker.log_dict(summary.to_dict(), "run_summary.json")
@@ -130,7 +129,7 @@ def _run_stages(recipe, settings, runtime, run_dir, tracker, summary, commit, ca
     same = no_change(shipped.sha256, champion_now, version_tags(settings, champion_now) if champion_now else {})
     if same:  # a retrain that changed nothing: nothing to gate, no new version
         summary.skip_rest(same)
-        summary.outputs.update({"model_version": champion_now, "promoted": False})
+        summary.outputs.update({"model_version": champion_now, "promoted": False, "no_change": True})
         return
 
     with summary.stage("evaluate") as s:
@@ -161,7 +160,8 @@ def _run_stages(recipe, settings, runtime, run_dir, tracker, summary, commit, ca
         if plan.skipped:
             s.outputs["promotion_skipped"] = plan.skipped
     moved = s.status == "ok" and settings.aliases.champion in plan.set
-    summary.outputs.update({"model_version": promoted.version, "promoted": moved})
+    # the same decision on the same candidate was already recorded: nothing new in the registry
+    summary.outputs.update({"model_version": promoted.version, "promoted": moved, "no_change": s.status == "cached"})
     if not moved:
         why = plan.skipped or result.verdict.headline or result.verdict.verdict
         summary.outputs["not_released"] = f"gate verdict {result.verdict.verdict}, champion unchanged: {why}"

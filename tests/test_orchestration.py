@@ -40,8 +40,9 @@ def test_summary_artifact_round_trips():
 def test_prefect_yaml_deployments_run_on_the_process_pool_with_a_seoul_nightly():
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in spec["deployments"]}
-    assert set(deps) >= {"nightly-retrain", "on-merge", "train-and-gate", "release-dev"}
-    assert {d["work_pool"]["name"] for d in deps.values()} == {"erpops-process"}
+    assert set(deps) >= {"nightly-retrain", "on-merge", "train-and-gate", "release-dev", "train-gpu"}
+    assert {n: d["work_pool"]["name"] for n, d in deps.items() if d["work_pool"]["name"] != "erpops-process"} == {
+        "train-gpu": "erpops-gpu"}  # only the train stage runs on the second (GPU) pool
     nightly = deps["nightly-retrain"]["schedules"][0]
     assert nightly["timezone"] == "Asia/Seoul" and len(nightly["cron"].split()) == 5
     for d in deps.values():  # every entrypoint names a real flow
@@ -90,6 +91,13 @@ def test_up_deploy_trigger_exit_codes_then_down(tmp_path):
         with urllib.request.urlopen(f"{mlflow_url}/health") as r:  # the MLflow server answers
             assert r.status == 200
 
+        from erpops.orchestration import wait_pool
+
+        gpu_log = open(tmp_path / "gpu-worker.log", "wb")  # a second pool, as a GPU machine's worker would poll it
+        gpu_worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "erpops-gpu",
+                                       "--type", "process"], cwd=REPO, env=env, stdout=gpu_log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        wait_pool(env["PREFECT_API_URL"], "erpops-gpu", 120, gpu_worker)
         deploy = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=REPO, env=env,
                                 capture_output=True, text=True, timeout=300)
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
@@ -102,6 +110,32 @@ def test_up_deploy_trigger_exit_codes_then_down(tmp_path):
         result = json.loads(ok.stdout)
         assert result["state"] == "COMPLETED" and result["gate_verdict"] == "promote" and result["model_version"] == "1"
         assert "| promote | ok |" in summary_md.read_text()
+
+        # the train stage on the second pool: train-and-gate calls the train-gpu deployment and gets the adapter
+        # back through the MLflow run; a changed recipe section (train.deployment) means a new training
+        remote_recipe = tmp_path / "tiny-remote.yaml"
+        remote_recipe.write_text(recipe.replace("  precision: fp32", "  precision: fp32\n  deployment: train-remote/train-gpu"))
+        remote = _erpops("trigger", "-d", "train-and-gate/train-and-gate", "-p", f"recipe_path={remote_recipe}",
+                         "-p", f"mlflow_config={tmp_path / 'mlflow.yaml'}", "--watch", "--timeout", "600", env=env)
+        assert remote.returncode == 0, remote.stdout + remote.stderr
+        remote_summary = json.loads(remote.stdout)
+        # same data, seed and device as the first run: the remote adapter gives the champion's GGUF ("no change")
+        # or, where kernels differ, a candidate the gate judges
+        assert remote_summary["no_change"] or remote_summary["gate_verdict"] in ("promote", "hold", "reject")
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["train-remote"])))
+            assert [r.state.type.value for r in runs] == ["COMPLETED"]
+            assert runs[0].work_pool_name == "erpops-gpu"
+        import mlflow
+
+        client_ml = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        run_id = runs[0].parameters["mlflow_run_id"]
+        assert {"adapter", "train", "data"} <= {a.path for a in client_ml.list_artifacts(run_id)}
+        assert "train/loss" in client_ml.get_run(run_id).data.metrics
 
         with open(corpus / "qa_pairs.jsonl", "a", encoding="utf-8") as f:  # bad data: the run fails at validate
             f.write('{"id": "qa-bad", "module": "hr", "lang": "en", "instruction": "Hi", "response": "<|im_end|>"}\n')
@@ -121,12 +155,12 @@ def test_up_deploy_trigger_exit_codes_then_down(tmp_path):
         assert orphan.returncode == 1, orphan.stdout + orphan.stderr
         late = json.loads(orphan.stdout)
         assert "no worker picked it up" in late["message"] and "erpops-process" in late["message"]
-        from prefect.client.orchestration import get_client
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
         with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
             assert client.read_flow_run(late["flow_run_id"]).state.type.value == "CANCELLED"
     finally:
+        if "gpu_worker" in locals():
+            os.killpg(gpu_worker.pid, 15)
+            gpu_worker.wait(timeout=60)
         down = _erpops("down", "--home", str(home), env=env)
     assert down.returncode == 0 and "prefect-server" in down.stdout
     gone = _erpops("trigger", "-d", "erpops-pipeline/on-merge", "--watch", "--timeout", "5", env=env)
