@@ -219,7 +219,9 @@ def log_shipped_model(run_id: str, tracking_uri: str, gguf_path: Path, modelfile
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=ERPAssistantModel(), artifacts=artifacts,
-                                       pip_requirements=PIP_REQUIREMENTS, code_paths=pyfunc_code_paths())
+                                       pip_requirements=PIP_REQUIREMENTS, code_paths=pyfunc_code_paths(),
+                                       signature=mlflow.models.infer_signature(["question"], ["answer"],
+                                                                               params={"max_new_tokens": 128}))
     return info.model_uri
 
 

@@ -439,6 +439,7 @@ def test_registered_model_carries_its_code_and_loads_from_another_folder(mlflow_
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["importable_before"] == []  # the packages came from the model, not from this checkout
     assert len(out["answers"]) == 1 and isinstance(out["answers"][0], str)
+    assert len(out["answers"][0].split()) <= 4  # params reach predict (the signature declares max_new_tokens)
 
     client = mlflow.MlflowClient(mlflow_settings.tracking_uri)
     exp = client.get_experiment_by_name(mlflow_settings.experiment_name)
