@@ -2,8 +2,9 @@
 
 Each cached task's key is what the stage reads (erpops.stage_cache): a rerun with the same data, recipe
 section, upstream artefacts and code returns the stored result as a `Cached` state without running.
-Retries (exponential backoff, jitter) are set only on tasks that talk to a store (MLflow, Milvus, Ollama);
-computing stages fail once and say why.
+Retries (exponential backoff, jitter) are set only on I/O tasks that are safe to repeat (the champion download,
+version tags); the knowledge-base and Ollama halves undo themselves on failure instead, and computing stages
+fail once and say why.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from deployment.deploy import deploy_model
 from deployment.vector_store import deploy_knowledge_base
 from erpops.config import DataConfig, MLflowSettings, ModelConfig, Recipe
 from erpops.device import Runtime
-from erpops.tracking import Tracker
 from erpops.stage_cache import ContentKey, artefacts_exist, digest_file, digest_json, digest_paths
+from erpops.tracking import Tracker
 from evaluation.evaluate import evaluate_candidate
 from registry.champion import fetch_champion
 from registry.promote import AliasPlan, log_shipped_model, read_champion, register_version, tag_version, version_exists
