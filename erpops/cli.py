@@ -4,10 +4,12 @@
     erpops validate --json                      # data contracts only
     erpops status --json                        # registry state: versions, aliases, metrics, lineage
     erpops status --history                     # every alias move: when, who, why (--at TIME: champion then)
-    erpops promote 3 / erpops rollback          # move the champion by hand (--force --reason TEXT: past the gate)
+    erpops promote 3                            # move the champion by hand (--force --reason TEXT: past the gate)
+    erpops deploy --env staging / erpops promote-env staging prod --reason ... / erpops rollback --env prod
+    erpops releases                             # what serves in each environment; every switch
     erpops ui                                   # MLflow UI over the same store
     erpops up / erpops down                     # Prefect server + MLflow server + process worker on 127.0.0.1
-    erpops trigger -d erpops-pipeline/on-merge --watch --timeout 3600   # CI: run a deployment, exit by its state
+    erpops trigger -d train-and-gate/on-merge --watch --timeout 3600   # CI: run a deployment, exit by its state
 """
 
 from __future__ import annotations
@@ -236,11 +238,13 @@ def evaluate(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
 @app.command()
 def promote(version: str = typer.Argument(..., help="Model version to make champion."),
             mlflow_config: Optional[str] = MlflowOpt,
+            recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", "-r", help="Recipe the triggered staging release uses."),
             force: bool = typer.Option(False, "--force", help="Promote although the version's gate verdict is not 'promote' (needs --reason)."),
             reason: str = typer.Option("", "--reason", help="Why; recorded in the promotion ledger (and as a version tag with --force)."),
             expect_champion: Optional[str] = typer.Option(None, "--expect-champion", help="Refuse unless this version (or 'none') is still the champion.")):
-    """Make VERSION the champion by hand; the old champion becomes previous. Moves the registry only
-    (`erpops deploy` serves it). A version the gate did not pass needs --force --reason TEXT."""
+    """Make VERSION the champion by hand; the old champion becomes previous. Moves the registry, and with a Prefect
+    server (PREFECT_API_URL) emits the promotion event that triggers the staging release; without one, `erpops
+    deploy` serves it. A version the gate did not pass needs --force --reason TEXT."""
     from erpops.runtime import setup_process
 
     setup_process()
@@ -255,51 +259,199 @@ def promote(version: str = typer.Argument(..., help="Model version to make champ
         _fail(f"cannot promote version {version}: {e.message}")
     except PromotionRefused as e:
         _fail(f"cannot promote version {version}: {e}")
-    typer.echo(json.dumps({"version": version, "aliases_set": plan.set, "aliases_before": plan.before, "reason": reason}))
+    from erpops.orchestration import emit_promotion
+    from registry.ledger import current_actor
+
+    settings = _settings(mlflow_config)
+    event = settings.aliases.champion in plan.set and emit_promotion(
+        settings.registered_model_name, version, plan.before.get(settings.aliases.champion), recipe, mlflow_config,
+        current_actor(), reason or "by hand")
+    typer.echo(json.dumps({"version": version, "aliases_set": plan.set, "aliases_before": plan.before, "reason": reason,
+                           "event": "erpops.model.promoted" if event else None}))
+
+
+EnvOpt = typer.Option(None, "--env", "-e", help="Environment (deploy.environments; default: the recipe's deploy.release_env).")
 
 
 @app.command()
-def deploy(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
-           version: Optional[str] = typer.Option(None, help="Registered version to deploy (default: the champion).")):
-    """Release a registered version (the release flow): knowledge-base collection + alias, and Ollama when a
-    server answers. Exit 1 when a stage failed; serving is then as it was."""
+def deploy(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt, env: Optional[str] = EnvOpt,
+           version: Optional[str] = typer.Option(None, help="Registered version to deploy (default: the champion)."),
+           reason: str = typer.Option("", "--reason", help="Why; recorded in the release ledger.")):
+    """Build a release of a registered version (its GGUF in Ollama, a new knowledge-base collection) and switch the
+    environment to both. Exit 1 when a step failed; the environment then serves what it served before."""
     _setup()
-    _load(recipe)
+    r = _load(recipe)
+    from deployment.deploy import env_target
+
+    try:
+        env = env_target(r.deploy, env or r.deploy.release_env).name
+    except ValueError as e:
+        _fail(str(e), 2)
     from flows.release import release
 
-    state = release(recipe_path=recipe, mlflow_config=mlflow_config, version=version, return_state=True)
+    state = release(recipe_path=recipe, mlflow_config=mlflow_config, version=version, env=env, reason=reason,
+                    return_state=True)
     if not state.is_completed():
         _fail(state.message or "release failed")
     summary = state.result()
     stages = {s["name"]: s for s in summary["stages"]}
     kb, ollama = stages["deploy_kb"]["outputs"], stages["deploy_ollama"]
-    typer.echo(json.dumps({"version": summary["outputs"]["released_version"], "collection": kb.get("collection"),
-                           "alias": kb.get("alias"),
+    typer.echo(json.dumps({"env": env, "version": summary["outputs"]["released_version"],
+                           "release": summary["outputs"].get("release_id"), "collection": kb.get("collection"),
                            "ollama": ollama["outputs"].get("release") or f"skipped: {ollama['reason']}",
                            "summary": str(Path(summary["run_dir"]) / "run_summary.json")}, indent=2))
 
 
-@app.command()
-def rollback(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
-             reason: str = typer.Option("", "--reason", help="Why; recorded in the promotion ledger.")):
-    """Point champion, the Ollama serving tag and the knowledge-base alias back to the previous release."""
+def _gguf_for(settings):
+    """For a release whose Ollama tag an environment's host lacks: its GGUF, from the registry."""
+    def fetch(release):
+        import tempfile
+
+        from deployment.deploy import registered_bundle
+
+        return registered_bundle(settings.tracking_uri, settings.registered_model_name, release.model_version,
+                                 Path(tempfile.mkdtemp(prefix=f"release-{release.release_id}-")))
+    return fetch
+
+
+@app.command("promote-env")
+def promote_env(source: str = typer.Argument(..., help="Environment whose release is promoted, e.g. staging."),
+                target: str = typer.Argument(..., help="Environment that gets it, e.g. prod."),
+                recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
+                reason: str = typer.Option("", "--reason", help="The approval: why (required where the target's requires_reason is set, e.g. prod).")):
+    """Switch TARGET to the release SOURCE serves (same GGUF, same collection; nothing rebuilt), after a health
+    check on TARGET's Ollama host. The approval is recorded with who gave it and why."""
     _setup()
     r = _load(recipe)
     settings = _settings(mlflow_config)
-    from deployment.deploy import rollback_release
-    from registry.promote import restore_aliases, rollback_registry, version_tags
+    from deployment.deploy import ReleaseError
+    from deployment.deploy import promote_env as promote
+    from registry.ledger import current_actor
 
     try:
-        version, plan = rollback_registry(settings, reason)
+        out = promote(r.deploy, settings, source, target, current_actor(), reason, gguf_for=_gguf_for(settings))
     except ValueError as e:
-        _fail(str(e))
+        _fail(str(e), 2)
+    except ReleaseError as e:
+        _fail(f"promote-env {source} -> {target} failed at {e.stage}, {target} unchanged: {e}")
+    typer.echo(json.dumps({"env": target, "release": out.release.release_id, "version": out.release.model_version,
+                           "previous": out.previous, "collection": out.release.collection, "ollama": out.ollama}, indent=2))
+
+
+@app.command()
+def rollback(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt, env: Optional[str] = EnvOpt,
+             reason: str = typer.Option("", "--reason", help="Why; recorded in the release ledger and the promotion ledger.")):
+    """Switch the environment back to the release it served before: Ollama tag, knowledge-base alias and the
+    registry alias together. In the release environment (where champions go) the champion goes back too."""
+    _setup()
+    r = _load(recipe)
+    settings = _settings(mlflow_config)
+    from deployment.deploy import ReleaseError, env_target, rollback_env
+    from deployment.releases import ReleaseLedger
+    from registry.ledger import current_actor
+    from registry.promote import read_champion, restore_aliases, rollback_registry
+
     try:
-        done = rollback_release(r.deploy, version, version_tags(settings, version))
-    except BaseException as e:  # serving could not follow: the registry goes back to what it said before
-        restore_aliases(settings, plan, (settings.aliases.champion, settings.aliases.previous),
-                        reason=f"rollback to v{version} undone: serving could not follow: {e}")
-        _fail(f"rollback failed while moving serving to version {version}, registry left unchanged: {e}")
-    typer.echo(json.dumps({"champion": version, "aliases_set": plan.set, "aliases_deleted": list(plan.delete), **done}, indent=2))
+        env = env_target(r.deploy, env or r.deploy.release_env).name
+    except ValueError as e:
+        _fail(str(e), 2)
+    plan = None
+    current, _ = ReleaseLedger(settings).serving(env)
+    serving_version = ReleaseLedger(settings).release(current).model_version if current else None
+    if env == r.deploy.release_env and serving_version and read_champion(settings).version == serving_version:
+        try:  # the champion is what this environment serves: it goes back with it
+            _, plan = rollback_registry(settings, reason)
+        except ValueError as e:
+            typer.secho(f"champion stays: {e}", err=True)
+    try:
+        out = rollback_env(r.deploy, settings, env, current_actor(), reason, gguf_for=_gguf_for(settings))
+    except (ValueError, ReleaseError) as e:
+        if plan is not None:  # serving could not follow: the registry goes back to what it said before
+            restore_aliases(settings, plan, (settings.aliases.champion, settings.aliases.previous),
+                            reason=f"rollback of {env} undone: serving could not follow: {e}")
+        _fail(f"rollback of {env} failed, nothing changed: {e}", 2 if isinstance(e, ValueError) else 1)
+    typer.echo(json.dumps({"env": env, "release": out.release.release_id, "version": out.release.model_version,
+                           "rolled_back": out.previous, "collection": out.release.collection, "ollama": out.ollama,
+                           "champion": read_champion(settings).version}, indent=2))
+
+
+@app.command()
+def releases(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
+             env: Optional[str] = typer.Option(None, "--env", "-e", help="Only this environment."),
+             as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
+    """What each environment serves (release, version, collection) and what rollback would go back to; then
+    every switch, rollback, approval and failed attempt, newest last."""
+    from erpops.runtime import setup_process
+
+    setup_process()
+    r = _load(recipe)
+    from deployment.releases import ReleaseLedger, env_stack, format_releases
+
+    ledger = ReleaseLedger(_settings(mlflow_config))
+    envs = [env] if env else list(r.deploy.environments)
+    if env and env not in r.deploy.environments:
+        _fail(f"unknown environment {env!r}; configured: {', '.join(r.deploy.environments)}", 2)
+    rels, events = ledger.releases(), [e for e in ledger.events() if e.env in envs]
+    if as_json:
+        state = {e: {"stack": env_stack(events, e)} for e in envs}
+        typer.echo(json.dumps({"environments": state, "releases": [x.to_dict() for x in rels],
+                               "events": [x.to_dict() for x in events]}, indent=2, ensure_ascii=False))
+        return
+    typer.echo(format_releases(rels, events, envs))
+
+
+bundle_app = typer.Typer(no_args_is_help=True, help="Offline bundles: a release as one verified file for a closed network.")
+app.add_typer(bundle_app, name="bundle")
+
+
+@bundle_app.command("export")
+def bundle_export(release: str = typer.Option(..., "--release", help="Release id (see `erpops releases`)."),
+                  out: Optional[Path] = typer.Option(None, "--out", help="Bundle file (default <release>.tar.gz)."),
+                  recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt):
+    """Write a release as a tar.gz: GGUF, Modelfile, knowledge-base rows (text, metadata, vectors) and a manifest
+    with the sha256 of every file."""
+    from erpops.runtime import setup_process
+
+    setup_process()
+    r = _load(recipe)
+    settings = _settings(mlflow_config)
+    from deployment.bundle import BundleError, export_bundle
+    from deployment.releases import ReleaseLedger
+
+    try:
+        rel = ReleaseLedger(settings).release(release)
+    except KeyError as e:
+        _fail(str(e.args[0]), 2)
+    gguf, spec = _gguf_for(settings)(rel)
+    try:
+        path = export_bundle(rel, gguf, spec, r.deploy.milvus_uri, out or Path(f"{release}.tar.gz"))
+    except BundleError as e:
+        _fail(str(e))
+    typer.echo(json.dumps({"release": release, "bundle": str(path), "bytes": path.stat().st_size}, indent=2))
+
+
+@bundle_app.command("import")
+def bundle_import(bundle: Path = typer.Argument(..., help="A bundle written by `erpops bundle export`."),
+                  env: Optional[str] = EnvOpt, recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
+                  reason: str = typer.Option("", "--reason", help="Why; recorded in the release ledger.")):
+    """Verify every checksum of a bundle, then serve it in the environment (collection from its rows, Ollama model
+    from its GGUF, one switch). A bundle with a corrupted byte is refused, with the file named; nothing changes."""
+    _setup()
+    r = _load(recipe)
+    settings = _settings(mlflow_config)
+    from deployment.bundle import BundleError
+    from deployment.deploy import ReleaseError, env_target, import_release
+    from registry.ledger import current_actor
+
+    try:
+        env = env_target(r.deploy, env or r.deploy.release_env).name
+        out = import_release(r.deploy, settings, env, bundle, current_actor(), reason)
+    except (ValueError, BundleError) as e:
+        _fail(str(e), 2 if not isinstance(e, BundleError) else 1)
+    except ReleaseError as e:
+        _fail(f"import into {env} failed at {e.stage}, {env} unchanged: {e}")
+    typer.echo(json.dumps({"env": env, "release": out.release.release_id, "previous": out.previous,
+                           "collection": out.release.collection, "ollama": out.ollama}, indent=2))
 
 
 @app.command()
@@ -391,7 +543,7 @@ def down(home: Path = typer.Option(STACK_HOME, help="The folder `erpops up` used
 
 
 @app.command()
-def trigger(deployment: str = typer.Option("erpops-pipeline/on-merge", "--deployment", "-d",
+def trigger(deployment: str = typer.Option("train-and-gate/on-merge", "--deployment", "-d",
                                            help="flow-name/deployment-name, as `prefect deployment ls` shows it."),
             param: list[str] = typer.Option([], "--param", "-p", help="KEY=VALUE flow parameter (JSON values parsed); repeatable."),
             watch: bool = typer.Option(False, "--watch", help="Wait for the final state; exit 0 only if it completed."),

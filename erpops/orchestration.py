@@ -3,7 +3,7 @@ and the run summary published as a Prefect artifact.
 
     erpops up                      # Prefect server + MLflow server on 127.0.0.1 + a process worker; prints URLs
     prefect deploy --all           # the deployments of prefect.yaml (nightly, on-merge, release)
-    erpops trigger --deployment erpops-pipeline/on-merge --watch --timeout 1800
+    erpops trigger --deployment train-and-gate/on-merge --watch --timeout 1800
     erpops down
 
 Nothing here schedules or queues work: schedules, triggers and the work pool are Prefect's.
@@ -113,7 +113,7 @@ def start_stack(home: Path, tracking_uri: str, artifact_root: str, project_dir: 
     env = {**os.environ, "PREFECT_HOME": str((home / "prefect").resolve()), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "ERPOPS_PROJECT_DIR": str(project_dir.resolve()),
-           "MLFLOW_TRACKING_URI": client_uri}
+           "MLFLOW_TRACKING_URI": client_uri, "MLFLOW_REGISTRY_URI": client_uri}
     if prefect_database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = prefect_database_url
     logs = home / "logs"
@@ -366,3 +366,37 @@ def publish_summary(summary: dict) -> None:
     if FlowRunContext.get() is None:
         return
     create_markdown_artifact(summary_markdown(summary), key=SUMMARY_ARTIFACT, description="erpops run summary")
+
+
+# -- events ----------------------------------------------------------------------------------------------------
+
+PROMOTED_EVENT = "erpops.model.promoted"
+"""Emitted when a version becomes champion (by the gate or by hand); prefect.yaml's release-staging deployment
+is triggered by it and releases that version to staging."""
+
+
+def promotion_event(model: str, version: str, previous: str | None, recipe_path: str, mlflow_config: str | None,
+                    actor: str, reason: str) -> dict:
+    """The event's resource and payload (pure): what the trigger's parameters are templated from."""
+    return {"event": PROMOTED_EVENT,
+            "resource": {"prefect.resource.id": f"erpops.model.{model}", "prefect.resource.name": model},
+            "payload": {"model": model, "version": str(version), "previous": previous, "recipe_path": str(recipe_path),
+                        "mlflow_config": str(Path(mlflow_config).resolve()) if mlflow_config else "",
+                        "actor": actor, "reason": reason}}
+
+
+def emit_promotion(model: str, version: str, previous: str | None, recipe_path: str, mlflow_config: str | None,
+                   actor: str, reason: str) -> bool:
+    """Emit the promotion event to the Prefect API this process talks to, and wait until it is sent. Outside a
+    flow run with no PREFECT_API_URL there is no server to tell: nothing is emitted (False)."""
+    from prefect.context import FlowRunContext
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL
+
+    if FlowRunContext.get() is None and not PREFECT_API_URL.value():
+        return False
+    sent = emit_event(**promotion_event(model, version, previous, recipe_path, mlflow_config, actor, reason))
+    if FlowRunContext.get() is None:
+        EventsWorker.drain_all()
+    return sent is not None

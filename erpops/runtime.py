@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -31,6 +32,21 @@ def setup_process(home: Path = Path(".erpops")) -> None:
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
     for noisy in ("httpx", "urllib3", "alembic", "mlflow.store.db.utils", "great_expectations", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive flock on `path` (created with its folder) for the block: serialises processes on one machine.
+    Not re-entrant: a second take in the same process waits on itself."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def configure_logging(level: int = logging.INFO) -> None:

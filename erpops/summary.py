@@ -10,7 +10,9 @@ from typing import Any
 
 from erpops.tracking import write_json
 
-STAGES = ("validate", "train", "optimize", "evaluate", "promote", "deploy_kb", "deploy_ollama")
+RELEASE_STAGES = ("deploy_kb", "deploy_ollama", "switch")
+"""The release flow's part: build the collection, prepare the Ollama model, switch the environment to both."""
+STAGES = ("validate", "train", "optimize", "evaluate", "promote", *RELEASE_STAGES)
 
 
 @dataclass

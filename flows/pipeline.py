@@ -1,6 +1,7 @@
-"""The whole pipeline, as `erpops run` starts it: the train-and-gate flow, then the release flow when the
-champion moved. Wiring only; train-and-gate never calls release itself (a deployment trigger or a person
-does that in production, see prefect.yaml).
+"""The whole pipeline, as `erpops run` starts it: the train-and-gate flow, then the release flow (to the recipe's
+deploy.release_env, staging by default) when the champion moved. Wiring only; train-and-gate never calls release
+itself: on a Prefect server its promotion event triggers the release-staging deployment (prefect.yaml), and this
+flow is the zero-setup path that does the same in one process.
 
     erpops run --recipe recipes/smollm2-135m/cpu.yaml
     python -m flows.pipeline recipes/smollm2-135m/cpu.yaml
@@ -33,7 +34,7 @@ def pipeline(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_config: 
     if state.is_completed() and state.result()["outputs"].get("promoted"):
         summary = state.result()
         promote = next(s for s in summary["stages"] if s["name"] == "promote")["outputs"]
-        state = release(recipe_path, mlflow_config, summary["outputs"]["model_version"], run_name,
+        state = release(recipe_path, mlflow_config, version=summary["outputs"]["model_version"], run_name=run_name,
                         restore={"set": promote["aliases_set"], "delete": promote["aliases_deleted"],
                                  "before": promote["aliases_before"]}, return_state=True)
     path = load_recipe(recipe_path).output_root / run_name / "run_summary.json"

@@ -2,8 +2,8 @@
 
 Each cached task's key is what the stage reads (erpops.stage_cache): a rerun with the same data, recipe
 section, upstream artefacts and code returns the stored result as a `Cached` state without running.
-Retries (exponential backoff, jitter) are set only on I/O tasks that are safe to repeat (the champion download,
-version tags); the knowledge-base and Ollama halves undo themselves on failure instead, and computing stages
+Retries (exponential backoff, jitter) are set only on I/O tasks that are safe to repeat (the champion and bundle
+downloads, version tags); a release undoes itself on failure instead, and computing stages
 fail once and say why.
 """
 
@@ -19,8 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from data_contracts.validate import ValidateResult, validate_data
-from deployment.deploy import deploy_model
-from deployment.vector_store import deploy_knowledge_base
+from deployment.deploy import registered_bundle, release_version
 from erpops.config import DataConfig, MLflowSettings, ModelConfig, Recipe
 from erpops.device import Runtime
 from erpops.stage_cache import ContentKey, artefacts_exist, digest_file, digest_json, digest_paths
@@ -159,5 +158,5 @@ evaluate_task = task(evaluate_candidate, name="evaluate",
 promote_task = task(promote_step, name="promote",
                     **_cached("promote", _promote_parts, ("registry", "erpops"), valid=lambda r: r.still_stands()))
 tag_task = task(tag_version, name="tag-version", cache_policy=NO_CACHE, **IO_RETRIES)
-kb_task = task(deploy_knowledge_base, name="deploy-knowledge-base", cache_policy=NO_CACHE)
-ollama_task = task(deploy_model, name="deploy-ollama", cache_policy=NO_CACHE)
+bundle_task = task(registered_bundle, name="registered-bundle", cache_policy=NO_CACHE, **IO_RETRIES)
+release_task = task(release_version, name="release", cache_policy=NO_CACHE)

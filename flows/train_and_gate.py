@@ -21,19 +21,17 @@ from prefect.states import Failed
 from data_contracts.dataset import read_examples
 from erpops.config import load_mlflow_settings, load_recipe
 from erpops.device import resolve_runtime
-from erpops.orchestration import publish_summary
+from erpops.orchestration import emit_promotion, publish_summary
 from erpops.runtime import git_commit, setup_process
 from erpops.stage_cache import digest_json
-from erpops.summary import RunSummary
+from erpops.summary import RELEASE_STAGES, RunSummary
 from erpops.tracking import Tracker
 from flows import steps
+from registry.ledger import current_actor
 from registry.promote import no_change, read_champion, version_tags
 from training.base_model import MODELS_DIR
 
 log = logging.getLogger("erpops.pipeline")
-
-RELEASE_STAGES = ("deploy_kb", "deploy_ollama")
-
 
 def cache_dir(recipe) -> Path:
     """Where stage results are stored by key: beside the run folders (`.erpops/cache` by default)."""
@@ -66,6 +64,11 @@ def train_and_gate(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_co
         summary.stages[name].status, summary.stages[name].reason = "skipped", "the release flow deploys (flows.release)"
     try:
         _run_stages(recipe, settings, runtime, run_dir, tracker, summary, commit, cache_dir(recipe))
+        if summary.outputs.get("promoted"):  # prefect.yaml's release-staging deployment is triggered by this event
+            promote = summary.stages["promote"].outputs
+            emit_promotion(settings.registered_model_name, promote["model_version"],
+                           promote["aliases_before"].get(settings.aliases.champion), recipe_path, mlflow_config,
+                           current_actor(), reason or "gate")
     except Exception as e:
         log.error("train-and-gate stopped: %s", e)
     finally:

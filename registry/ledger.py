@@ -150,22 +150,25 @@ def append(settings: MLflowSettings, entries: Sequence[LedgerEntry]) -> None:
         conn.close()
 
 
-def read_ledger(settings: MLflowSettings) -> list[LedgerEntry]:
-    """Entries of the configured model, oldest first. Read-only: a missing file or table is an empty ledger."""
-    path = ledger_path(settings)
+def read_rows(path: Path, table: str, columns: Sequence[str], model: str, order: str = "id") -> list[tuple]:
+    """A ledger table's rows of one model, read-only: a missing file or table has none."""
     if not path.is_file():
         return []
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
     try:
-        rows = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM {TABLE} WHERE model = ? ORDER BY id",
-                            (settings.registered_model_name,)).fetchall()
+        return conn.execute(f"SELECT {', '.join(columns)} FROM {table} WHERE model = ? ORDER BY {order}",
+                            (model,)).fetchall()
     except sqlite3.OperationalError as e:
         if "no such table" in str(e):
             return []
         raise
     finally:
         conn.close()
-    return [LedgerEntry(*row) for row in rows]
+
+
+def read_ledger(settings: MLflowSettings) -> list[LedgerEntry]:
+    """Entries of the configured model, oldest first. Read-only: a missing file or table is an empty ledger."""
+    return [LedgerEntry(*row) for row in read_rows(ledger_path(settings), TABLE, _COLUMNS, settings.registered_model_name)]
 
 
 def champion_from(entries: Sequence[LedgerEntry], when: str | datetime, champion: str = "champion") -> str | None:

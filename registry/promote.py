@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import fcntl
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Literal, Union
 
 from erpops.config import Aliases, MLflowSettings
+from erpops.runtime import file_lock
 from registry import ledger
 
 log = logging.getLogger(__name__)
@@ -174,13 +174,8 @@ def registry_lock(settings: MLflowSettings):
         lock_path = Path(settings.tracking_uri[len("sqlite:///"):] + ".lock")
     else:
         lock_path = Path(".erpops/registry.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(lock_path):
+        yield
 
 
 def current_aliases(client, model_name: str) -> dict[str, str]:

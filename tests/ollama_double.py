@@ -32,11 +32,14 @@ import hashlib
 import json
 import re
 import threading
+import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 DEFAULT_ANSWER = "ERP의 구매 메뉴에서 '구매 요청 등록'을 열고 품목과 수량을 입력한 뒤 저장하세요."
+DEFAULT_ANSWER_EN = "Open Finance > Journal Entry, fill in the accounts and amounts, then press Post."
+"""What the default answer becomes for a prompt without Hangul, so a healthy double agrees in language."""
 DOUBLE_VERSION = "0.0.0-double"
 
 _DIGEST = re.compile(r"^sha256[:-]([0-9a-f]{64})$")
@@ -204,6 +207,8 @@ class _Handler(BaseHTTPRequestHandler):
             with d.lock:
                 found = key in d.blobs
             return self._send_empty(200 if found else 404)
+        if d.blob_delay_s:
+            time.sleep(d.blob_delay_s)
         if hashlib.sha256(body).hexdigest() != m.group(1):
             return self._send_error(400, "digest mismatch")
         with d.lock:
@@ -212,6 +217,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _create(self, p: dict) -> None:
         d = self.double
+        if d.create_error is not None:
+            return self._send_error(500, d.create_error)
         if not p.get("model") and not p.get("name"):
             return self._send_error(400, "model is required")
         if p.get("from"):
@@ -298,13 +305,20 @@ class _Handler(BaseHTTPRequestHandler):
         with d.lock:
             error = d.generate_error
             answer = d.answers.get(rec["name"], d.answer)
+        if answer == DEFAULT_ANSWER and p.get("prompt") and not re.search("[\uac00-\ud7a3]", p["prompt"]):
+            answer = DEFAULT_ANSWER_EN
         if error is not None:
             return self._send_error(500, error)
         created = _now()
-        if not p.get("prompt"):  # Ollama: an empty prompt only loads the model
-            answer, reason = "", "load"
+        if not p.get("prompt"):  # Ollama: an empty prompt only loads the model, or unloads it with keep_alive 0
+            unload = p.get("keep_alive") in (0, "0", "0s")
+            with d.lock:
+                (d.unloaded.append if unload else d.loaded_log.append)(rec["name"])
+            answer, reason = "", ("unload" if unload else "load")
         else:
             reason = "stop"
+            if d.generate_delay_s:
+                time.sleep(d.generate_delay_s)
         stats = {"total_duration": 1_000_000, "load_duration": 100_000, "prompt_eval_count": 8,
                  "prompt_eval_duration": 200_000, "eval_count": len(answer.split()), "eval_duration": 700_000}
         if p.get("stream", True):
@@ -352,9 +366,15 @@ class OllamaDouble:
       blobs           {"sha256:<hex>": bytes}
       requests        [(method, path)] in arrival order
       request_json    [(method, path, decoded JSON body or None)] in arrival order
-      answer          the text /api/generate answers (set "" to act as a broken model)
+      answer          the text /api/generate answers (set "" to act as a broken model); left at the default,
+                      a prompt without Hangul gets DEFAULT_ANSWER_EN
       answers         {"name:tag": text} per-model overrides of `answer`
       generate_error  None, or a message: /api/generate then fails with HTTP 500 {"error": message}
+      create_error    None, or a message: /api/create then fails with HTTP 500 {"error": message}
+      blob_delay_s    seconds an upload waits before it is stored (a client timeout shorter than it fails)
+      generate_delay_s seconds every answering /api/generate waits (a slow model)
+      unloaded        names a keep_alive=0 request without a prompt unloaded, in order
+      loaded_log      names a request without a prompt loaded, in order
       details         the `details` object of /api/show and /api/tags
     """
 
@@ -363,6 +383,11 @@ class OllamaDouble:
         self.answer = answer
         self.answers: dict[str, str] = {}
         self.generate_error: str | None = None
+        self.create_error: str | None = None
+        self.blob_delay_s = 0.0
+        self.generate_delay_s = 0.0
+        self.unloaded: list[str] = []
+        self.loaded_log: list[str] = []
         self.models: dict[str, dict] = {}
         self.blobs: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []

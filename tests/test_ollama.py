@@ -17,13 +17,15 @@ from ollama_double import OllamaDouble, normalize_name  # tests/ is on sys.path 
 
 from deployment.modelfile import CHATML_TEMPLATE, ModelfileSpec
 from deployment.ollama_deploy import (
-    HEALTH_PROMPT,
+    HEALTH_PROMPTS,
     HealthCheckError,
-    OllamaRelease,
-    deploy_to_ollama,
+    UploadError,
+    answer_problems,
+    env_tags,
     ollama_host,
-    point_serving_tag,
+    prepare_model,
     reachable,
+    set_env_tags,
 )
 
 NAME = "erp-assistant"
@@ -67,130 +69,126 @@ def test_reachable_is_true_for_the_double_and_false_for_a_closed_port():
     assert reachable(url, timeout=1.0) is False  # the double's port, now closed
 
 
-# ---- a successful deploy ------------------------------------------------------------------------------
+# ---- health: what a healthy answer is (pure) ------------------------------------------------------------
 
-def test_deploy_uploads_blob_creates_release_and_points_latest_at_it(double, spec, tmp_path):
+TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def test_a_healthy_answer_has_no_problems():
+    assert answer_problems("ko", "구매 요청 메뉴에서 등록하세요.", 0.5, 10, TOKENS) == []
+    assert answer_problems("en", "Open the purchase request screen.", 0.5, 10, TOKENS) == []
+
+
+def test_each_unhealthy_kind_is_named():
+    assert answer_problems("ko", "   ", 0.1, 10, TOKENS) == ["empty answer"]
+    assert answer_problems("ko", "Open the purchase request screen.", 0.1, 10, TOKENS) == ["answered in en, asked in ko"]
+    assert answer_problems("en", "12345", 0.1, 10, TOKENS) == ["answered in no language, asked in en"]
+    leak = answer_problems("en", "Save it.<|im_end|><|im_start|>user", 0.1, 10, TOKENS)
+    assert leak == ["template tokens in the answer: ['<|im_start|>', '<|im_end|>']"]
+    assert answer_problems("en", "Save it.", 12.5, 10, TOKENS) == ["took 12.5 s (bound 10.0 s)"]
+
+
+# ---- preparing a release tag -------------------------------------------------------------------------------
+
+def prepare(double, gguf, spec, release="v7-20261204000000", prompts=HEALTH_PROMPTS, bound=30.0, timeout=30.0):
+    return prepare_model(double.url, NAME, release, gguf, hashlib.sha256(gguf.read_bytes()).hexdigest(), spec, prompts,
+                         bound, timeout)
+
+
+def test_prepare_uploads_the_verified_blob_creates_the_release_and_asks_every_golden_prompt(double, spec, tmp_path):
     gguf = fake_gguf(tmp_path, "v7")
     digest = sha256_digest(gguf)
 
-    release = deploy_to_ollama(double.url, NAME, "7", gguf, spec)
+    prepared = prepare(double, gguf, spec)
+    tag, health = prepared.tag, prepared.health
 
-    assert isinstance(release, OllamaRelease)
-    assert (release.host, release.release_tag, release.serving_tag) == (double.url, f"{NAME}:v7", f"{NAME}:latest")
-    assert release.digest == digest
-    assert double.blobs == {digest: gguf.read_bytes()}
+    assert set(prepared.seconds) == {"upload", "create", "health"}
+    assert tag == f"{NAME}:v7-20261204000000" and double.blobs == {digest: gguf.read_bytes()}
+    rec = double.models[tag]
+    assert rec["files"] == {"model.gguf": digest} and rec["template"] == CHATML_TEMPLATE and rec["system"] == "sys"
+    assert rec["parameters"] == {"temperature": 0.2, "stop": ["<|im_end|>"]}
+    assert [h.lang for h in health] == ["ko", "en"] and all(not h.problems and h.answer for h in health)
+    asked = [body["prompt"] for m, p, body in double.request_json if p == "/api/generate"]
+    assert asked == [p["prompt"] for p in HEALTH_PROMPTS]
+    blob_at = double.requests.index(("POST", f"/api/blobs/{digest}"))
+    assert double.requests[blob_at + 1] == ("HEAD", f"/api/blobs/{digest}")  # stored, checked, then created
+    assert double.requests[blob_at + 2] == ("POST", "/api/create")
+    assert f"{NAME}:staging" not in double.models  # preparing switches nothing
 
-    v7 = double.models[f"{NAME}:v7"]
-    assert v7["files"] == {"model.gguf": digest}
-    assert v7["template"] == CHATML_TEMPLATE
-    assert v7["system"] == "sys"
-    assert v7["parameters"] == {"temperature": 0.2, "stop": ["<|im_end|>"]}
 
-    latest = double.models[f"{NAME}:latest"]
-    assert latest["copied_from"] == f"{NAME}:v7"
-    assert latest["digest"] == v7["digest"]
-    assert release.health_answer == double.answer and release.health_answer.strip()
+def test_a_file_that_is_not_the_releases_gguf_is_never_uploaded(double, spec, tmp_path):
+    gguf = fake_gguf(tmp_path, "v7")
+    with pytest.raises(UploadError, match="refusing to upload"):
+        prepare_model(double.url, NAME, "v7-x", gguf, "0" * 64, spec, HEALTH_PROMPTS, 30, 30)
+    assert double.blobs == {} and double.models == {}
 
-    assert double.requests == [
-        ("POST", f"/api/blobs/{digest}"),
-        ("POST", "/api/create"),
-        ("POST", "/api/generate"),
-        ("POST", "/api/copy"),
-    ]
-    create = next(body for m, p, body in double.request_json if p == "/api/create")
-    assert create["model"] == f"{NAME}:v7" and create["stream"] is False
-    generate = next(body for m, p, body in double.request_json if p == "/api/generate")
-    assert generate["model"] == f"{NAME}:v7" and generate["prompt"] == HEALTH_PROMPT
-    assert generate["options"] == {"num_predict": 24, "temperature": 0}
+
+def test_a_release_tag_that_fails_its_health_check_is_deleted(double, spec, tmp_path):
+    double.answers[f"{NAME}:v7-x"] = "Open the screen and save."  # English to a Korean question
+    with pytest.raises(HealthCheckError, match="answered in en, asked in ko"):
+        prepare(double, fake_gguf(tmp_path, "v7"), spec, release="v7-x")
+    assert f"{NAME}:v7-x" not in double.models
+    assert ("DELETE", "/api/delete") in double.requests
+
+
+def test_a_500_during_create_leaves_no_tag(double, spec, tmp_path):
+    double.create_error = "unsupported architecture"
+    with pytest.raises(ollama.ResponseError) as err:
+        prepare(double, fake_gguf(tmp_path, "v7"), spec)
+    assert err.value.status_code == 500 and double.models == {}
+
+
+def test_an_upload_that_times_out_leaves_no_tag(double, spec, tmp_path):
+    double.blob_delay_s = 3.0
+    with pytest.raises(Exception) as err:
+        prepare(double, fake_gguf(tmp_path, "v7"), spec, timeout=0.5)
+    assert "timed out" in str(err.value).lower() or "timeout" in type(err.value).__name__.lower()
+    assert double.models == {}
+
+
+def test_a_slow_model_fails_the_latency_bound(double, spec, tmp_path):
+    double.generate_delay_s = 0.3
+    with pytest.raises(HealthCheckError, match=r"bound 0\.1 s"):
+        prepare(double, fake_gguf(tmp_path, "v7"), spec, bound=0.1)
+    assert double.models == {}
+
+
+def test_preparing_a_tag_the_server_has_only_health_checks_it(double, spec, tmp_path):
+    gguf = fake_gguf(tmp_path, "v7")
+    prepare(double, gguf, spec)
+    double.requests.clear()
+    prepare(double, gguf, spec)
+    assert ("POST", "/api/create") not in double.requests and not any(p.startswith("/api/blobs") for _, p in double.requests)
+
+
+# ---- blue/green env tags -----------------------------------------------------------------------------------
+
+def test_env_tags_move_blue_green_and_the_env_tag_is_unloaded(double, spec, tmp_path):
+    a = prepare(double, fake_gguf(tmp_path, "a"), spec, release="a").tag
+    b = prepare(double, fake_gguf(tmp_path, "b"), spec, release="b").tag
+
+    set_env_tags(double.url, NAME, "prod", a, None)
+    assert double.models[f"{NAME}:prod"]["copied_from"] == a and f"{NAME}:prod-previous" not in double.models
+    set_env_tags(double.url, NAME, "prod", b, a)
+    assert double.models[f"{NAME}:prod"]["digest"] == double.models[b]["digest"]
+    assert double.models[f"{NAME}:prod-previous"]["digest"] == double.models[a]["digest"]
+    assert double.unloaded == [f"{NAME}:prod", f"{NAME}:prod"]  # the old template must not stay in memory
+    assert env_tags(double.url, NAME, "prod") == {"prod": double.models[b]["digest"],
+                                                   "prod-previous": double.models[a]["digest"]}
+    set_env_tags(double.url, NAME, "prod", None, None)  # a first release undone: nothing serves
+    assert env_tags(double.url, NAME, "prod") == {"prod": None, "prod-previous": None}
+    assert a in double.models and b in double.models  # release tags are not the env's to delete
 
 
 def test_a_deployed_release_reads_back_through_the_official_client(double, spec, tmp_path):
-    deploy_to_ollama(double.url, NAME, "7", fake_gguf(tmp_path, "v7"), spec)
+    tag = prepare(double, fake_gguf(tmp_path, "v7"), spec).tag
+    set_env_tags(double.url, NAME, "staging", tag, None)
     client = ollama.Client(host=double.url)
-
-    shown = client.show(f"{NAME}:v7")
-    assert shown.template == CHATML_TEMPLATE
-    assert 'SYSTEM """sys"""' in shown.modelfile
+    shown = client.show(f"{NAME}:staging")
+    assert shown.template == CHATML_TEMPLATE and 'SYSTEM """sys"""' in shown.modelfile
     assert '"<|im_end|>"' in shown.parameters and "temperature" in shown.parameters
     listed = {m.model: m.digest for m in client.list().models}
-    assert set(listed) == {f"{NAME}:v7", f"{NAME}:latest"}
-    assert listed[f"{NAME}:v7"] == listed[f"{NAME}:latest"]
-    assert client.show(NAME).template == CHATML_TEMPLATE  # no tag means :latest
-
-
-# ---- failed health checks -----------------------------------------------------------------------------
-
-def test_empty_health_answer_deletes_the_release_and_keeps_latest_on_the_old_one(double, spec, tmp_path):
-    old = deploy_to_ollama(double.url, NAME, "6", fake_gguf(tmp_path, "v6"), spec)
-    assert double.models[f"{NAME}:latest"]["copied_from"] == f"{NAME}:v6"
-    old_latest = dict(double.models[f"{NAME}:latest"])
-    double.requests.clear()
-
-    double.answer = ""  # the new build answers nothing
-    new_gguf = fake_gguf(tmp_path, "v7")
-    with pytest.raises(HealthCheckError, match=f"{NAME}:v7"):
-        deploy_to_ollama(double.url, NAME, "7", new_gguf, spec)
-
-    assert f"{NAME}:v7" not in double.models
-    assert f"{NAME}:v6" in double.models
-    latest = double.models[f"{NAME}:latest"]
-    assert latest["copied_from"] == f"{NAME}:v6"
-    assert latest["files"] == {"model.gguf": old.digest} != {"model.gguf": sha256_digest(new_gguf)}
-    assert latest == old_latest
-    assert ("DELETE", "/api/delete") in double.requests
-    assert ("POST", "/api/copy") not in double.requests
-    delete = next(body for m, p, body in double.request_json if p == "/api/delete")
-    assert delete == {"model": f"{NAME}:v7"}
-
-
-def test_a_server_error_during_the_health_check_also_rolls_back(double, spec, tmp_path):
-    deploy_to_ollama(double.url, NAME, "6", fake_gguf(tmp_path, "v6"), spec)
-    double.generate_error = "llama runner process has terminated"
-
-    with pytest.raises(ollama.ResponseError) as err:
-        deploy_to_ollama(double.url, NAME, "7", fake_gguf(tmp_path, "v7"), spec)
-
-    assert err.value.status_code == 500
-    assert "llama runner" in err.value.error
-    assert f"{NAME}:v7" not in double.models
-    assert double.models[f"{NAME}:latest"]["copied_from"] == f"{NAME}:v6"
-
-
-# ---- rollback -----------------------------------------------------------------------------------------
-
-def test_point_serving_tag_makes_latest_a_copy_of_the_earlier_release_again(double, spec, tmp_path):
-    deploy_to_ollama(double.url, NAME, "6", fake_gguf(tmp_path, "v6"), spec)
-    deploy_to_ollama(double.url, NAME, "7", fake_gguf(tmp_path, "v7"), spec)
-    assert double.models[f"{NAME}:latest"]["copied_from"] == f"{NAME}:v7"
-
-    assert point_serving_tag(double.url, NAME, "6") == f"{NAME}:v6"
-
-    latest = double.models[f"{NAME}:latest"]
-    assert latest["copied_from"] == f"{NAME}:v6"
-    assert latest["digest"] == double.models[f"{NAME}:v6"]["digest"] != double.models[f"{NAME}:v7"]["digest"]
-    assert f"{NAME}:v7" in double.models  # rollback keeps the newer release around
-    assert double.requests[-2:] == [("POST", "/api/generate"), ("POST", "/api/copy")]  # health-checked first
-
-
-def test_point_serving_tag_to_an_unknown_release_fails_and_leaves_latest(double, spec, tmp_path):
-    deploy_to_ollama(double.url, NAME, "7", fake_gguf(tmp_path, "v7"), spec)
-
-    with pytest.raises(ollama.ResponseError) as err:
-        point_serving_tag(double.url, NAME, "5")
-
-    assert err.value.status_code == 404
-    assert double.models[f"{NAME}:latest"]["copied_from"] == f"{NAME}:v7"
-
-
-def test_point_serving_tag_refuses_a_release_that_answers_nothing(double, spec, tmp_path):
-    deploy_to_ollama(double.url, NAME, "6", fake_gguf(tmp_path, "v6"), spec)
-    deploy_to_ollama(double.url, NAME, "7", fake_gguf(tmp_path, "v7"), spec)
-    double.answers[f"{NAME}:v6"] = "  "
-
-    with pytest.raises(HealthCheckError):
-        point_serving_tag(double.url, NAME, "6")
-
-    assert double.models[f"{NAME}:latest"]["copied_from"] == f"{NAME}:v7"
+    assert listed[tag] == listed[f"{NAME}:staging"]
 
 
 # ---- the double itself behaves like Ollama where the tests above rely on it ------------------------------

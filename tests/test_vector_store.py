@@ -1,4 +1,5 @@
-"""Knowledge base on Milvus Lite (real, embedded): chunks, search, alias switch, failure leaves alias alone."""
+"""Knowledge base on Milvus Lite (real, embedded): chunks, a collection built in full and checked, alias switch,
+failures leave nothing half-built, retention."""
 
 import pytest
 
@@ -28,52 +29,65 @@ def test_chunks_follow_sections_and_respect_size():
 
 
 @pytest.mark.integration
-def test_release_switches_alias_and_failed_health_leaves_it(tmp_path, monkeypatch):
+def test_a_collection_is_built_in_full_before_any_alias_points_at_it(tmp_path, monkeypatch):
     cfg = DeployConfig(milvus_uri=str(tmp_path / "kb.db"), collection_alias="kb", chunk_chars=200)
-    r1 = V.deploy_knowledge_base(cfg, DOCS, "v1")
-    assert r1.collection == "kb_v1" and r1.previous_collection is None
-    assert r1.rows == len(V.chunk_docs(DOCS, cfg.chunk_chars, cfg.chunk_overlap))
-
+    b1 = V.build_collection(cfg, DOCS, "kb_r1")
+    assert b1.rows == len(V.chunk_docs(DOCS, cfg.chunk_chars, cfg.chunk_overlap))
+    assert set(b1.seconds) == {"embed", "insert", "check"}
     with V.open_milvus(cfg.milvus_uri) as client:
-        embedder = V.load_embedder(cfg.embedding_model)
-        assert V.alias_target(client, "kb") == "kb_v1"
-        hits = V.search(client, "kb", embedder, "How do I move stock to another warehouse?")
+        assert V.alias_target(client, "kb_prod") is None  # building switches nothing
+    assert V.point_alias(cfg.milvus_uri, "kb_prod", "kb_r1") is None
+    with V.open_milvus(cfg.milvus_uri) as client:
+        hits = V.search(client, "kb_prod", V.load_embedder(cfg.embedding_model), "How do I move stock to another warehouse?")
         assert hits[0]["doc"] == "inventory_transfer_en.md" and hits[0]["score"] > 0.3
 
-    r2 = V.deploy_knowledge_base(cfg, DOCS, "v2")
-    assert r2.previous_collection == "kb_v1"
-
-    # a release whose health query misses must not move the alias, and leaves no collection behind
+    # a collection that misses its health query is dropped; an existing name is never written into
     monkeypatch.setattr(V, "search", lambda *a, **k: [{"doc": "wrong.md", "title": "x", "score": 0.1}])
     with pytest.raises(V.KBHealthError):
-        V.deploy_knowledge_base(cfg, DOCS, "v3")
+        V.build_collection(cfg, DOCS, "kb_r2")
+    with pytest.raises(V.KBHealthError, match="already exists"):
+        V.build_collection(cfg, DOCS, "kb_r1")
     with V.open_milvus(cfg.milvus_uri) as client:
-        assert V.alias_target(client, "kb") == "kb_v2"
-        assert not client.has_collection("kb_v3")
-
-    V.point_alias(cfg.milvus_uri, "kb", "kb_v1")
-    with V.open_milvus(cfg.milvus_uri) as client:
-        assert V.alias_target(client, "kb") == "kb_v1"
+        assert not client.has_collection("kb_r2") and client.has_collection("kb_r1")
+        assert V.alias_target(client, "kb_prod") == "kb_r1"
     with pytest.raises(V.KBHealthError, match="no longer exists"):
-        V.point_alias(cfg.milvus_uri, "kb", "kb_v9")
+        V.point_alias(cfg.milvus_uri, "kb_prod", "kb_r9")
 
 
 @pytest.mark.integration
-def test_redeploying_the_serving_release_never_drops_it_and_first_release_revert_drops_the_alias(tmp_path):
-    from deployment.deploy import revert_knowledge_base
+def test_an_insert_failing_half_way_leaves_no_collection(tmp_path, monkeypatch):
+    from pymilvus import MilvusClient
 
-    cfg = DeployConfig(milvus_uri=str(tmp_path / "kb.db"), collection_alias="kb", chunk_chars=200)
-    first = V.deploy_knowledge_base(cfg, DOCS, "v1")
-    again = V.deploy_knowledge_base(cfg, DOCS, "v1")  # e.g. `erpops deploy` of the current champion
-    assert again.collection != "kb_v1" and again.previous_collection == "kb_v1"
+    cfg = DeployConfig(milvus_uri=str(tmp_path / "kb.db"), collection_alias="kb", chunk_chars=100, chunk_overlap=10)
+    monkeypatch.setattr(V, "INSERT_BATCH", 2)
+    calls = []
+    real_insert = MilvusClient.insert
+
+    def flaky(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected: connection reset during insert")
+        return real_insert(self, *a, **k)
+
+    monkeypatch.setattr(MilvusClient, "insert", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        V.build_collection(cfg, DOCS, "kb_r1")
+    assert len(calls) == 2  # the first batch had landed
     with V.open_milvus(cfg.milvus_uri) as client:
-        assert client.has_collection("kb_v1") and V.alias_target(client, "kb") == again.collection
-    revert_knowledge_base(again)
-    with V.open_milvus(cfg.milvus_uri) as client:
-        assert V.alias_target(client, "kb") == "kb_v1"
-    revert_knowledge_base(first)  # a failed first release: nothing served before it
-    with V.open_milvus(cfg.milvus_uri) as client:
-        assert V.alias_target(client, "kb") is None
+        assert not client.has_collection("kb_r1")
+
+
+@pytest.mark.integration
+def test_collect_drops_old_unserved_collections_only(tmp_path):
+    cfg = DeployConfig(milvus_uri=str(tmp_path / "kb.db"), collection_alias="kb", chunk_chars=400)
+    for i in range(1, 5):
+        V.build_collection(cfg, DOCS[:1], f"kb_r{i}")
+    V.point_alias(cfg.milvus_uri, "kb_prod", "kb_r1")
+    dropped = V.collect_collections(cfg.milvus_uri, "kb", keep={"kb_r2"}, keep_newest=1)
+    assert dropped == ["kb_r3"]  # r1 is served, r2 kept, r4 the newest
+    with pytest.raises(V.KBHealthError, match="served by alias"):
+        V.drop_collection(cfg.milvus_uri, "kb_r1")
+    assert V.drop_collection(cfg.milvus_uri, "kb_r2") is True and V.drop_collection(cfg.milvus_uri, "kb_r2") is False
 
 
 def test_chunk_overlap_must_be_smaller_than_the_chunk():
@@ -87,7 +101,7 @@ def test_golden_queries_are_scored_before_the_alias_moves_and_a_floor_blocks_a_b
                "relevant_doc": "inventory_transfer_en.md"},
               {"id": "g2", "lang": "en", "query": "Who approves annual leave?", "relevant_doc": "hr_leave_en.md"}]
     cfg = DeployConfig(milvus_uri=str(tmp_path / "kb.db"), collection_alias="kb", chunk_chars=200, retrieval_threshold=0.3)
-    r1 = V.deploy_knowledge_base(cfg, DOCS, "v1", golden)
+    r1 = V.build_collection(cfg, DOCS, "kb_v1", golden)
     m = r1.retrieval["metrics"]
     assert m["hit_at_5"] == 1.0 and m["mrr"] == 1.0 and m["queries"] == 2
     assert [q["rank"] for q in r1.retrieval["per_query"]] == [1, 1]
@@ -96,6 +110,6 @@ def test_golden_queries_are_scored_before_the_alias_moves_and_a_floor_blocks_a_b
     wrong = [{**g, "relevant_doc": "missing.md"} for g in golden]
     strict = cfg.model_copy(update={"min_hit_at_5": 0.5})
     with pytest.raises(V.KBHealthError, match="hit@5 0.000"):
-        V.deploy_knowledge_base(strict, DOCS, "v2", wrong)
+        V.build_collection(strict, DOCS, "kb_v2", wrong)
     with V.open_milvus(cfg.milvus_uri) as client:
-        assert V.alias_target(client, "kb") == "kb_v1" and not client.has_collection("kb_v2")
+        assert client.has_collection("kb_v1") and not client.has_collection("kb_v2")

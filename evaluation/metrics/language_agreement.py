@@ -18,17 +18,8 @@ question without letters has no language to agree with: any answer with letters 
 import datasets
 import evaluate
 
-from data_contracts.rules import hangul_share
-
-KO_MIN_HANGUL_SHARE = 0.3
-
-
-def detect_language(text: str) -> str | None:
-    """`ko`, `en`, or None for a text without Hangul or Latin letters."""
-    share = hangul_share(text)
-    if share is None:
-        return None
-    return "ko" if share >= KO_MIN_HANGUL_SHARE else "en"
+from data_contracts.rules import KO_MIN_HANGUL_SHARE  # noqa: F401 (documented above)
+from data_contracts.rules import detect_language
 
 
 def agreement(answer: str, question: str) -> float:
