@@ -141,9 +141,10 @@ def test_up_deploy_trigger_exit_codes_then_down(tmp_path):
             assert str(released.parameters["version"]) == "1" and released.parameters["env"] == "staging"
             assert client.read_deployment(released.deployment_id).name == "release-staging"
         from deployment.releases import ReleaseLedger
-        from erpops.config import load_mlflow_settings
+        from erpops.config import MLflowSettings
 
-        ledger = ReleaseLedger(load_mlflow_settings(tmp_path / "mlflow.yaml"))
+        # not load_mlflow_settings: this process's MLFLOW_TRACKING_URI (set by earlier tests) would override the file
+        ledger = ReleaseLedger(MLflowSettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"))
         current, _ = ledger.serving("staging")
         assert current and ledger.release(current).model_version == "1"
 
