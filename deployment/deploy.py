@@ -28,7 +28,8 @@ from pathlib import Path
 from deployment.modelfile import ModelfileSpec
 from deployment.ollama_deploy import (HEALTH_PROMPTS, delete_tag, ollama_host, prepare_model, reachable,
                                       set_env_tags)
-from deployment.releases import Release, ReleaseLedger, collection_name, corpus_digest, env_stack, new_release_id, pending_switch
+from deployment.releases import (Release, ReleaseLedger, collection_name, corpus_digest, env_stack, new_release_id,
+                                 pending_switch, utc_now)
 from deployment.vector_store import (KBBuild, alias_target, build_collection, collect_collections, drop_alias, drop_collection,
                                      open_milvus, point_alias)
 from erpops.config import DeployConfig, MLflowSettings
@@ -254,10 +255,11 @@ def reconcile(cfg: DeployConfig, settings: MLflowSettings, target: EnvTarget, ac
     collection alias, the Ollama tags and the registry alias back to what the ledger says serves. Returns what
     was done, or None when there was nothing to do."""
     ledger = ReleaseLedger(settings)
-    pending = pending_switch(ledger.events(), target.name)
+    events = ledger.events()
+    pending = pending_switch(events, target.name)
     if pending is None:
         return None
-    stack = env_stack(ledger.events(), target.name)
+    stack = env_stack(events, target.name)
     current = ledger.release(stack[-1]) if stack else None
     previous = ledger.release(stack[-2]) if len(stack) > 1 else None
     _apply(cfg, settings, target, current, previous)
@@ -275,11 +277,10 @@ def collect(cfg: DeployConfig, settings: MLflowSettings) -> dict[str, list[str]]
     one, which stays loaded: requests in flight drain from it and a rollback switches back at once."""
     ledger = ReleaseLedger(settings)
     events, releases = ledger.events(), ledger.releases()
-    keep_ids: set[str] = set()
-    for env in cfg.environments:
-        keep_ids.update(env_stack(events, env)[-2:])
-    switched = [r for r in releases if any(e.release_id == r.release_id and e.action in ("deploy", "promote-env", "rollback")
-                                           for e in events)]
+    stacks = {env: env_stack(events, env) for env in cfg.environments}
+    keep_ids = {rid for stack in stacks.values() for rid in stack[-2:]}
+    switched_ids = {e.release_id for e in events if e.action in ("deploy", "promote-env", "rollback")}
+    switched = [r for r in releases if r.release_id in switched_ids]
     keep_ids.update(r.release_id for r in switched[-cfg.keep_releases:])
     keep_collections = {r.collection for r in releases if r.release_id in keep_ids}
     dropped = collect_collections(cfg.milvus_uri, cfg.collection_alias, keep_collections, keep_newest=0)
@@ -290,8 +291,8 @@ def collect(cfg: DeployConfig, settings: MLflowSettings) -> dict[str, list[str]]
             for host in hosts:
                 if reachable(host) and delete_tag(host, r.ollama_tag):
                     tags.append(f"{host}/{r.ollama_tag}")
-    previous_collections = {ledger.release(env_stack(events, env)[-2]).collection
-                            for env in cfg.environments if len(env_stack(events, env)) > 1}
+    by_id = {r.release_id: r for r in releases}
+    previous_collections = {by_id[stack[-2]].collection for stack in stacks.values() if len(stack) > 1}
     unloaded = _unload_idle(cfg.milvus_uri, cfg.collection_alias, previous_collections)
     return {"collections_dropped": dropped, "ollama_tags_deleted": tags, "collections_unloaded": unloaded}
 
@@ -299,8 +300,6 @@ def collect(cfg: DeployConfig, settings: MLflowSettings) -> dict[str, list[str]]
 # ---- internals ------------------------------------------------------------------------------------------------
 
 def _now() -> str:
-    from deployment.releases import utc_now
-
     return utc_now().isoformat(timespec="seconds")
 
 
