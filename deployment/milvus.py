@@ -11,6 +11,7 @@ It sits below both `deployment.vector_store` (which writes collections) and `eva
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,12 +120,19 @@ def embed(embedder, texts: list[str], document: bool = False) -> list[list[float
     return out
 
 
+_HOLDERS: dict[str, int] = {}
+"""Open clients per Milvus Lite file in this process: the embedded server is let go of when the last one closes."""
+_HOLDERS_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def open_milvus(uri: str):
     """A MilvusClient for a Milvus Lite file or a server URI, released on exit.
 
     Milvus Lite keeps its embedded server (and the file lock) until the process exits unless told
-    otherwise; releasing it lets the next process (`erpops rollback`, a RAG service) open the file.
+    otherwise; releasing it lets the next process (`erpops rollback`, a RAG service) open the file. Clients of
+    one file in this process are counted, so the server is released only when the last of them closes (the
+    chat service answers many questions at once, and a release may run in the same process).
     """
     import logging as _logging
 
@@ -133,17 +141,38 @@ def open_milvus(uri: str):
     # Milvus Lite logs a harmless grpc "AllocTimestamp ... not implemented" traceback at ERROR.
     _logging.getLogger("grpc._server").setLevel(_logging.CRITICAL)
     local = "://" not in uri
-    if local:
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-    client = MilvusClient(uri)
+    if not local:
+        client = MilvusClient(uri)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    key = str(Path(uri).resolve())
+    Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    with _HOLDERS_LOCK:  # Milvus Lite's server start is not safe against a second thread starting it too
+        _HOLDERS[key] = _HOLDERS.get(key, 0) + 1
+        try:
+            client = MilvusClient(uri)
+        except BaseException:
+            _let_go(key, uri)
+            raise
     try:
         yield client
     finally:
         client.close()
-        if local:
-            from milvus_lite.server_manager import server_manager_instance
+        with _HOLDERS_LOCK:
+            _let_go(key, uri)
 
-            server_manager_instance.release_server(uri)
+
+def _let_go(key: str, uri: str) -> None:
+    """One holder fewer (under _HOLDERS_LOCK); the last one releases the embedded server and its file lock."""
+    _HOLDERS[key] -= 1
+    if _HOLDERS[key] == 0:
+        del _HOLDERS[key]
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(uri)
 
 
 def alias_target(client, alias: str) -> str | None:
@@ -155,13 +184,14 @@ def alias_target(client, alias: str) -> str | None:
         return None
 
 
-def search(client, collection: str, embedder, query: str, limit: int = 5) -> list[dict]:
-    """Top hits for a query; `collection` may be an alias. Loads the collection first (a reopened
-    Milvus Lite file starts with every collection released)."""
+def search(client, collection: str, embedder, query: str, limit: int = 5,
+           fields: tuple[str, ...] = ("doc", "title")) -> list[dict]:
+    """Top hits for a query, each {score, *fields}; `collection` may be an alias. Loads the collection first (a
+    reopened Milvus Lite file starts with every collection released)."""
     client.load_collection(collection)
-    hits = client.search(collection, data=embed(embedder, [query]), limit=limit,
-                         output_fields=["doc", "title", "module", "lang"], search_params={"metric_type": "COSINE"})
-    return [{"doc": h["entity"]["doc"], "title": h["entity"]["title"], "score": float(h["distance"])} for h in hits[0]]
+    hits = client.search(collection, data=embed(embedder, [query]), limit=limit, output_fields=list(fields),
+                         search_params={"metric_type": "COSINE"})
+    return [{**{f: h["entity"][f] for f in fields}, "score": float(h["distance"])} for h in hits[0]]
 
 
 def create_collection(client, name: str, dim: int) -> None:

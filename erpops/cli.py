@@ -10,6 +10,8 @@
     erpops ui                                   # MLflow UI over the same store
     erpops up / erpops down                     # Prefect server + MLflow server + process worker on 127.0.0.1
     erpops trigger -d train-and-gate/on-merge --watch --timeout 3600   # CI: run a deployment, exit by its state
+    erpops serve-api                            # model-management API + RAG chat + dashboard on 127.0.0.1:8600
+    erpops api-key create --name me --role admin / erpops audit
 """
 
 from __future__ import annotations
@@ -302,18 +304,6 @@ def deploy(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt, en
                            "summary": str(Path(summary["run_dir"]) / "run_summary.json")}, indent=2))
 
 
-def _gguf_for(settings):
-    """For a release whose Ollama tag an environment's host lacks: its GGUF, from the registry."""
-    def fetch(release):
-        import tempfile
-
-        from deployment.deploy import registered_bundle
-
-        return registered_bundle(settings.tracking_uri, settings.registered_model_name, release.model_version,
-                                 Path(tempfile.mkdtemp(prefix=f"release-{release.release_id}-")))
-    return fetch
-
-
 @app.command("promote-env")
 def promote_env(source: str = typer.Argument(..., help="Environment whose release is promoted, e.g. staging."),
                 target: str = typer.Argument(..., help="Environment that gets it, e.g. prod."),
@@ -324,12 +314,12 @@ def promote_env(source: str = typer.Argument(..., help="Environment whose releas
     _setup()
     r = _load(recipe)
     settings = _settings(mlflow_config)
-    from deployment.deploy import ReleaseError
+    from deployment.deploy import ReleaseError, registry_gguf_fetcher
     from deployment.deploy import promote_env as promote
     from registry.ledger import current_actor
 
     try:
-        out = promote(r.deploy, settings, source, target, current_actor(), reason, gguf_for=_gguf_for(settings))
+        out = promote(r.deploy, settings, source, target, current_actor(), reason, gguf_for=registry_gguf_fetcher(settings))
     except ValueError as e:
         _fail(str(e), 2)
     except ReleaseError as e:
@@ -346,33 +336,23 @@ def rollback(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt, 
     _setup()
     r = _load(recipe)
     settings = _settings(mlflow_config)
-    from deployment.deploy import ReleaseError, env_target, rollback_env
-    from deployment.releases import ReleaseLedger
+    from deployment.deploy import ReleaseError, env_target, registry_gguf_fetcher, rollback_serving
     from registry.ledger import current_actor
-    from registry.promote import read_champion, restore_aliases, rollback_registry
 
     try:
         env = env_target(r.deploy, env or r.deploy.release_env).name
     except ValueError as e:
         _fail(str(e), 2)
-    plan = None
-    current, _ = ReleaseLedger(settings).serving(env)
-    serving_version = ReleaseLedger(settings).release(current).model_version if current else None
-    if env == r.deploy.release_env and serving_version and read_champion(settings).version == serving_version:
-        try:  # the champion is what this environment serves: it goes back with it
-            _, plan = rollback_registry(settings, reason)
-        except ValueError as e:
-            typer.secho(f"champion stays: {e}", err=True)
     try:
-        out = rollback_env(r.deploy, settings, env, current_actor(), reason, gguf_for=_gguf_for(settings))
+        out, champion, stayed = rollback_serving(r.deploy, settings, env, current_actor(), reason,
+                                                 gguf_for=registry_gguf_fetcher(settings))
     except (ValueError, ReleaseError) as e:
-        if plan is not None:  # serving could not follow: the registry goes back to what it said before
-            restore_aliases(settings, plan, (settings.aliases.champion, settings.aliases.previous),
-                            reason=f"rollback of {env} undone: serving could not follow: {e}")
         _fail(f"rollback of {env} failed, nothing changed: {e}", 2 if isinstance(e, ValueError) else 1)
+    if stayed:
+        typer.secho(f"champion stays: {stayed}", err=True)
     typer.echo(json.dumps({"env": env, "release": out.release.release_id, "version": out.release.model_version,
                            "rolled_back": out.previous, "collection": out.release.collection, "ollama": out.ollama,
-                           "champion": read_champion(settings).version}, indent=2))
+                           "champion": champion}, indent=2))
 
 
 @app.command()
@@ -416,13 +396,14 @@ def bundle_export(release: str = typer.Option(..., "--release", help="Release id
     r = _load(recipe)
     settings = _settings(mlflow_config)
     from deployment.bundle import BundleError, export_bundle
+    from deployment.deploy import registry_gguf_fetcher
     from deployment.releases import ReleaseLedger
 
     try:
         rel = ReleaseLedger(settings).release(release)
     except KeyError as e:
         _fail(str(e.args[0]), 2)
-    gguf, spec = _gguf_for(settings)(rel)
+    gguf, spec = registry_gguf_fetcher(settings)(rel)
     try:
         path = export_bundle(rel, gguf, spec, r.deploy.milvus_uri, out or Path(f"{release}.tar.gz"))
     except BundleError as e:
@@ -575,6 +556,86 @@ def trigger(deployment: str = typer.Option("train-and-gate/on-merge", "--deploym
             f.write("\n".join(report) + "\n")
     if watch:
         raise typer.Exit(result.code)
+
+
+ServeConfigOpt = typer.Option(None, "--config", help="serve.yaml to use (default ERPOPS_SERVE_CONFIG or ./serve.yaml).")
+
+
+def _serve_settings(path: Optional[str], overrides: dict | None = None):
+    from erpops.config import ConfigError
+    from serving.settings import load_serve_settings
+
+    try:
+        return load_serve_settings(path, overrides)
+    except ConfigError as e:
+        _fail(str(e), 2)
+
+
+@app.command("serve-api")
+def serve_api(config: Optional[str] = ServeConfigOpt, mlflow_config: Optional[str] = MlflowOpt,
+              host: Optional[str] = typer.Option(None, help="Interface (default serve.yaml's host, 127.0.0.1)."),
+              port: Optional[int] = typer.Option(None, help="Port (default serve.yaml's port, 8600)."),
+              env: Optional[str] = typer.Option(None, "--env", "-e", help="Environment the chat serves (default staging)."),
+              recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe whose deploy section locates releases.")):
+    """The model-management API, the RAG chat service and the dashboard (/ai-models), on uvicorn. OpenAPI at /docs,
+    Prometheus at /metrics. Create a key first: `erpops api-key create --name me --role admin`."""
+    _setup()
+    settings = _serve_settings(config, {"host": host, "port": port, "env": env, "recipe": recipe})
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.service import Service
+
+    try:
+        service = Service.from_settings(settings, mlflow=_settings(mlflow_config))
+    except ValueError as e:
+        _fail(str(e), 2)
+    if settings.auth and not any(k["revoked"] is None for k in service.keys.keys()):
+        typer.secho(f"no API key yet in {service.keys.path}: `erpops api-key create --name me --role admin`", err=True)
+    typer.echo(f"serving env {settings.env} on http://{settings.host}:{settings.port} (dashboard /ai-models, docs /docs)")
+    uvicorn.run(create_app(service), host=settings.host, port=settings.port, log_level="info")
+
+
+key_app = typer.Typer(no_args_is_help=True, help="API keys of the service (roles viewer, operator, admin).")
+app.add_typer(key_app, name="api-key")
+
+
+def _keystore(config: Optional[str]):
+    from serving.keys import KeyStore
+
+    return KeyStore(_serve_settings(config).data_dir / "serving.db")
+
+
+@key_app.command("create")
+def key_create(name: str = typer.Option(..., "--name", help="Who or what uses the key."),
+               role: str = typer.Option("viewer", "--role", help="viewer (read), operator (+ tests), admin (+ start/stop, releases)."),
+               config: Optional[str] = ServeConfigOpt):
+    """Create a key and print it once; only its hash is stored."""
+    try:
+        key, who = _keystore(config).create(name, role)
+    except ValueError as e:
+        _fail(str(e), 2)
+    typer.echo(json.dumps({"key": key, "key_id": who.key_id, "name": who.name, "role": who.role}, indent=2))
+
+
+@key_app.command("list")
+def key_list(config: Optional[str] = ServeConfigOpt):
+    """Every key's id, name, role, creation and revocation (never the key)."""
+    typer.echo(json.dumps(_keystore(config).keys(), indent=2))
+
+
+@key_app.command("revoke")
+def key_revoke(key_id: str = typer.Argument(..., help="Key id (the part after erpk_)."), config: Optional[str] = ServeConfigOpt):
+    """Revoke a key at once."""
+    if not _keystore(config).revoke(key_id):
+        _fail(f"no valid key {key_id!r}", 2)
+    typer.echo(json.dumps({"revoked": key_id}))
+
+
+@app.command()
+def audit(config: Optional[str] = ServeConfigOpt, limit: int = typer.Option(50, help="Newest entries shown.")):
+    """The service's audit log: every mutating API call, who made it, when, and its result."""
+    typer.echo(json.dumps([e.to_dict() for e in _keystore(config).audit_log(limit)], indent=2, ensure_ascii=False))
 
 
 def main():

@@ -16,14 +16,13 @@ from pathlib import Path
 from erpops.config import GateConfig
 from erpops.device import Runtime
 from erpops.tracking import Tracker, write_json
+from evaluation.answer_scores import METRICS_DIR, load_metric, score_answers  # noqa: F401 (re-exported)
 from evaluation.gates import GateVerdict, decide
 from evaluation.scoring import generate_answers, reference_answer, response_nll
 from registry.champion import ChampionModel
 from training.gguf import load_gguf_model  # noqa: F401 (re-exported: bench/eval_throughput.py)
 
 log = logging.getLogger(__name__)
-
-METRICS_DIR = Path(__file__).parent / "metrics"
 
 
 @dataclass
@@ -34,13 +33,6 @@ class EvalResult:
     """eval_report.json: metrics, gate verdict with intervals, per-example rows of both models."""
     html_path: Path | None = None
     """gate_report.html, the page users open from the MLflow UI (artifacts > evaluation)."""
-
-
-def load_metric(name: str):
-    """A local evaluate module by path (evaluation/metrics/<name>.py)."""
-    import evaluate
-
-    return evaluate.load(str(METRICS_DIR / f"{name}.py"))
 
 
 def score_model(model, tokenizer, examples: list[dict], cfg: GateConfig, runtime: Runtime) -> tuple[dict[str, float], list[dict]]:
@@ -67,25 +59,17 @@ def score_model(model, tokenizer, examples: list[dict], cfg: GateConfig, runtime
                                              cfg.max_new_tokens))
     questions = [question_text(e) for e in examples]
     references = [reference_answer(e) for e in examples]
-    scores = {
-        "rouge_l": load_metric("rouge_l").compute(predictions=answers, references=references),
-        "exact_match": load_metric("exact_match").compute(predictions=answers, references=references),
-        "keyword_coverage": load_metric("keyword_coverage").compute(predictions=answers, references=references),
-        "language_agreement": load_metric("language_agreement").compute(predictions=answers, questions=questions),
-    }
+    means, per_example = score_answers(answers, references, questions)
     nll = response_nll(model, tokenizer, examples, runtime)
     ppl = load_metric("perplexity").compute(nll=nll.nll, n_tokens=nll.tokens)
     new_tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
 
-    rows = [{"id": e["id"], "module": e["module"], "lang": e["lang"], "question": q, "answer": a, "reference": r}
-            for e, q, a, r in zip(examples, questions, answers, references)]
-    for name, result in scores.items():
-        for row, value in zip(rows, result[f"{name}_per_example"]):
-            row[name] = value
+    rows = [{"id": e["id"], "module": e["module"], "lang": e["lang"], "question": q, "answer": a, "reference": r, **scored}
+            for e, q, a, r, scored in zip(examples, questions, answers, references, per_example)]
     for row, p, n in zip(rows, ppl["perplexity_per_example"], nll.per_token):
         row["perplexity"], row["nll"] = p, n
 
-    metrics = {name: result[name] for name, result in scores.items()}
+    metrics = dict(means)
     metrics |= {
         "perplexity": ppl["perplexity"],
         "nll": math.log(ppl["perplexity"]),

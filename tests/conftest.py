@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,17 @@ REPO = Path(__file__).resolve().parents[1]
 MODULES = ("finance", "procurement", "inventory", "sales", "production", "hr", "approvals", "admin")
 
 setup_process(REPO / ".erpops")
+
+
+def redis_up(host: str = "127.0.0.1", port: int = 6379) -> bool:
+    """A Redis server answers there (this machine kind starts one before every session and CI run)."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

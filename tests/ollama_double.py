@@ -1,8 +1,8 @@
 """A test double of an Ollama server, for the unit tests of deployment/ollama_deploy.py.
 
 This module lives only under tests/ and is never imported by erpops itself. It is a small, in-memory
-HTTP server (stdlib only: http.server.ThreadingHTTPServer in a background thread, on a port picked by
-the OS) that answers the parts of Ollama's REST API that erpops uses, as
+HTTP server (stdlib only, through tests/http_double.py: http.server.ThreadingHTTPServer in a background
+thread, on a port picked by the OS) that answers the parts of Ollama's REST API that erpops uses, as
 https://github.com/ollama/ollama/blob/main/docs/api.md documents them and as the official `ollama`
 Python client sends and parses them:
 
@@ -12,6 +12,8 @@ Python client sends and parses them:
     POST   /api/show             {model}
     GET    /api/tags
     POST   /api/generate         {model, prompt, options, stream}; a canned, configurable answer
+    POST   /api/chat             {model, messages, options, stream, keep_alive}; the same answer as `message`
+    GET    /api/ps               the models loaded now (a prompt loads a model, keep_alive 0 unloads it)
     POST   /api/copy             {source, destination}
     DELETE /api/delete           {model}
     GET    /  and  GET /api/version
@@ -31,11 +33,11 @@ import copy
 import hashlib
 import json
 import re
-import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from http_double import DoubleHandler, HTTPDouble  # tests/ is on sys.path, as for the tests' own imports
 
 DEFAULT_ANSWER = "ERP의 구매 메뉴에서 '구매 요청 등록'을 열고 품목과 수량을 입력한 뒤 저장하세요."
 DEFAULT_ANSWER_EN = "Open Finance > Journal Entry, fill in the accounts and amounts, then press Post."
@@ -72,88 +74,26 @@ def _format_parameters(parameters: dict) -> str:
     return "\n".join(lines)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    double: "OllamaDouble"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as httpx expects; every response has a length or is chunked
+class _Handler(DoubleHandler):
     server_version = "OllamaDouble"
-    timeout = 30  # idle keep-alive connections do not hold a thread forever
 
-    # ---- plumbing -------------------------------------------------------------------------------
-    @property
-    def double(self) -> "OllamaDouble":
-        return self.server.double  # type: ignore[attr-defined]
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence stderr logging
-        pass
-
+    # ---- plumbing (the rest is http_double.DoubleHandler's) ---------------------------------------
     def _path(self) -> str:
         return self.path.split("?", 1)[0]
 
-    def _read_body(self) -> bytes:
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            parts = []
-            while True:
-                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
-                        pass
-                    return b"".join(parts)
-                parts.append(self.rfile.read(size))
-                self.rfile.readline()  # CRLF after each chunk
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
-
-    def _send_json(self, status: int, obj: Any) -> None:
-        body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
     def _send_error(self, status: int, message: str) -> None:
-        self._send_json(status, {"error": message})
-
-    def _send_empty(self, status: int) -> None:
-        self.send_response(status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def _send_text(self, status: int, text: str) -> None:
-        body = text.encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.send_json(status, {"error": message})
 
     def _send_stream(self, objects: list[dict]) -> None:
         """Newline-delimited JSON, chunked, as Ollama streams."""
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-ndjson")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        for obj in objects:
-            line = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
-            self.wfile.write(f"{len(line):x}\r\n".encode("ascii") + line + b"\r\n")
-            self.wfile.flush()
-        self.wfile.write(b"0\r\n\r\n")
+        self.send_chunked("application/x-ndjson",
+                          ((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8") for obj in objects))
 
     def _dispatch(self, method: str) -> None:
         path = self._path()
-        raw = b"" if method == "HEAD" else self._read_body()
-        payload: Any = None
+        raw = b"" if method == "HEAD" else self.read_body()
         is_blob = path.startswith("/api/blobs/")
-        bad_json = False
-        if raw and not is_blob:
-            try:
-                payload = json.loads(raw)
-            except ValueError:
-                bad_json = True
+        payload, bad_json = (None, False) if is_blob else self.decode_json(raw)
         with self.double.lock:
             self.double.requests.append((method, path))
             self.double.request_json.append((method, path, payload))
@@ -164,13 +104,15 @@ class _Handler(BaseHTTPRequestHandler):
         payload = payload or {}
 
         routes = {
-            ("GET", "/"): lambda: self._send_text(200, "Ollama is running"),
-            ("HEAD", "/"): lambda: self._send_empty(200),
-            ("GET", "/api/version"): lambda: self._send_json(200, {"version": DOUBLE_VERSION}),
+            ("GET", "/"): lambda: self.send_text(200, "Ollama is running"),
+            ("HEAD", "/"): lambda: self.send_empty(200),
+            ("GET", "/api/version"): lambda: self.send_json(200, {"version": DOUBLE_VERSION}),
             ("POST", "/api/create"): lambda: self._create(payload),
             ("POST", "/api/show"): lambda: self._show(payload),
             ("GET", "/api/tags"): self._tags,
             ("POST", "/api/generate"): lambda: self._generate(payload),
+            ("POST", "/api/chat"): lambda: self._chat(payload),
+            ("GET", "/api/ps"): self._ps,
             ("POST", "/api/copy"): lambda: self._copy(payload),
             ("DELETE", "/api/delete"): lambda: self._delete(payload),
         }
@@ -181,7 +123,7 @@ class _Handler(BaseHTTPRequestHandler):
             known = {p for (_, p) in routes} | ({path} if is_blob else set())
             if path in known:
                 return self._send_error(405, "method not allowed")
-            return self._send_text(404, "404 page not found")
+            return self.send_text(404, "404 page not found")
         handler()
 
     def do_GET(self) -> None:  # noqa: N802
@@ -206,14 +148,14 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "HEAD":
             with d.lock:
                 found = key in d.blobs
-            return self._send_empty(200 if found else 404)
+            return self.send_empty(200 if found else 404)
         if d.blob_delay_s:
             time.sleep(d.blob_delay_s)
         if hashlib.sha256(body).hexdigest() != m.group(1):
             return self._send_error(400, "digest mismatch")
         with d.lock:
             d.blobs[key] = body
-        self._send_empty(201)
+        self.send_empty(201)
 
     def _create(self, p: dict) -> None:
         d = self.double
@@ -251,7 +193,7 @@ class _Handler(BaseHTTPRequestHandler):
                               + [{"status": f"using existing layer {x}"} for x in resolved.values()]
                               + [{"status": "writing manifest"}, {"status": "success"}])
         else:
-            self._send_json(200, {"status": "success"})
+            self.send_json(200, {"status": "success"})
 
     def _lookup(self, p: dict, key: str = "model") -> tuple[str, dict | None]:
         raw = p.get(key) or p.get("name") or ""
@@ -285,7 +227,7 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if rec["system"]:
             out["system"] = rec["system"]
-        self._send_json(200, out)
+        self.send_json(200, out)
 
     def _tags(self) -> None:
         d = self.double
@@ -293,25 +235,29 @@ class _Handler(BaseHTTPRequestHandler):
             models = [{"name": r["name"], "model": r["name"], "modified_at": r["modified_at"], "size": r["size"],
                        "digest": r["digest"], "details": copy.deepcopy(d.details)}
                       for r in sorted(d.models.values(), key=lambda r: r["name"])]
-        self._send_json(200, {"models": models})
+        self.send_json(200, {"models": models})
 
-    def _generate(self, p: dict) -> None:
+    def _answer(self, p: dict, prompt: str) -> tuple[str, str, dict] | None:
+        """(raw name, answer, stats) for a generate/chat request, or None after sending an error. An empty prompt
+        only loads the model, or unloads it with keep_alive 0, as Ollama does."""
         d = self.double
         if not p.get("model"):
-            return self._send_error(400, "model is required")
+            self._send_error(400, "model is required")
+            return None
         raw, rec = self._lookup(p)
         if rec is None:
-            return self._send_error(404, f"model '{raw}' not found")
+            self._send_error(404, f"model '{raw}' not found")
+            return None
         with d.lock:
             error = d.generate_error
             answer = d.answers.get(rec["name"], d.answer)
-        if answer == DEFAULT_ANSWER and p.get("prompt") and not re.search("[\uac00-\ud7a3]", p["prompt"]):
+        if answer == DEFAULT_ANSWER and prompt and not re.search("[\uac00-\ud7a3]", prompt):
             answer = DEFAULT_ANSWER_EN
         if error is not None:
-            return self._send_error(500, error)
-        created = _now()
-        if not p.get("prompt"):  # Ollama: an empty prompt only loads the model, or unloads it with keep_alive 0
-            unload = p.get("keep_alive") in (0, "0", "0s")
+            self._send_error(500, error)
+            return None
+        unload = p.get("keep_alive") in (0, "0", "0s")
+        if not prompt:
             with d.lock:
                 (d.unloaded.append if unload else d.loaded_log.append)(rec["name"])
             answer, reason = "", ("unload" if unload else "load")
@@ -319,16 +265,43 @@ class _Handler(BaseHTTPRequestHandler):
             reason = "stop"
             if d.generate_delay_s:
                 time.sleep(d.generate_delay_s)
-        stats = {"total_duration": 1_000_000, "load_duration": 100_000, "prompt_eval_count": 8,
+        with d.lock:
+            (d.loaded.discard if unload else d.loaded.add)(rec["name"])
+        stats = {"done_reason": reason, "total_duration": 1_000_000, "load_duration": 100_000, "prompt_eval_count": 8,
                  "prompt_eval_duration": 200_000, "eval_count": len(answer.split()), "eval_duration": 700_000}
+        return raw, answer, stats
+
+    def _reply(self, p: dict, raw: str, answer: str, stats: dict, text: Any, final: dict) -> None:
+        """A generate/chat reply: `text(s)` gives the fields that carry s; streamed word by word unless stream is
+        false, the last object done with `final` and the stats."""
+        head = {"model": raw, "created_at": _now()}
         if p.get("stream", True):
-            pieces = re.findall(r"\S+\s*|\s+", answer)
-            chunks = [{"model": raw, "created_at": created, "response": s, "done": False} for s in pieces]
-            chunks.append({"model": raw, "created_at": created, "response": "", "done": True,
-                           "done_reason": reason, "context": [1, 2, 3], **stats})
+            chunks = [{**head, **text(s), "done": False} for s in re.findall(r"\S+\s*|\s+", answer)]
+            chunks.append({**head, **text(""), "done": True, **final, **stats})
             return self._send_stream(chunks)
-        self._send_json(200, {"model": raw, "created_at": created, "response": answer, "done": True,
-                              "done_reason": reason, "context": [1, 2, 3], **stats})
+        self.send_json(200, {**head, **text(answer), "done": True, **final, **stats})
+
+    def _generate(self, p: dict) -> None:
+        got = self._answer(p, p.get("prompt") or "")
+        if got is not None:
+            self._reply(p, *got, lambda s: {"response": s}, {"context": [1, 2, 3]})
+
+    def _chat(self, p: dict) -> None:
+        messages = p.get("messages") or []
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            return self._send_error(400, "messages must be a list of objects")
+        users = [m.get("content") or "" for m in messages if m.get("role") == "user"]
+        got = self._answer(p, users[-1] if users else "")
+        if got is not None:
+            self._reply(p, *got, lambda s: {"message": {"role": "assistant", "content": s}}, {})
+
+    def _ps(self) -> None:
+        d = self.double
+        with d.lock:
+            models = [{"name": r["name"], "model": r["name"], "size": r["size"], "digest": r["digest"],
+                       "details": copy.deepcopy(d.details), "expires_at": _now(), "size_vram": 0}
+                      for name, r in sorted(d.models.items()) if name in d.loaded]
+        self.send_json(200, {"models": models})
 
     def _copy(self, p: dict) -> None:
         d = self.double
@@ -341,7 +314,7 @@ class _Handler(BaseHTTPRequestHandler):
             record = copy.deepcopy(d.models[src])
             record.update(name=dst, copied_from=src, modified_at=_now())
             d.models[dst] = record
-        self._send_empty(200)
+        self.send_empty(200)
 
     def _delete(self, p: dict) -> None:
         d = self.double
@@ -351,10 +324,11 @@ class _Handler(BaseHTTPRequestHandler):
         with d.lock:
             if d.models.pop(normalize_name(raw), None) is None:
                 return self._send_error(404, f"model '{raw}' not found")
-        self._send_empty(200)
+            d.loaded.discard(normalize_name(raw))
+        self.send_empty(200)
 
 
-class OllamaDouble:
+class OllamaDouble(HTTPDouble):
     """An in-memory Ollama server on http://127.0.0.1:<free port>, started by the constructor.
 
     Attributes (read them in assertions, set the knobs between requests):
@@ -375,11 +349,11 @@ class OllamaDouble:
       generate_delay_s seconds every answering /api/generate waits (a slow model)
       unloaded        names a keep_alive=0 request without a prompt unloaded, in order
       loaded_log      names a request without a prompt loaded, in order
+      loaded          names loaded now (/api/ps): a generate or chat loads a model, keep_alive 0 unloads it
       details         the `details` object of /api/show and /api/tags
     """
 
     def __init__(self, answer: str = DEFAULT_ANSWER, host: str = "127.0.0.1") -> None:
-        self.lock = threading.RLock()
         self.answer = answer
         self.answers: dict[str, str] = {}
         self.generate_error: str | None = None
@@ -388,40 +362,25 @@ class OllamaDouble:
         self.generate_delay_s = 0.0
         self.unloaded: list[str] = []
         self.loaded_log: list[str] = []
+        self.loaded: set[str] = set()
         self.models: dict[str, dict] = {}
         self.blobs: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []
         self.request_json: list[tuple[str, str, Any]] = []
         self.details: dict = {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
                               "parameter_size": "135M", "quantization_level": "Q8_0"}
-        self._server = _Server((host, 0), _Handler)
-        self._server.double = self
-        self.host, self.port = self._server.server_address[:2]
-        self.url = f"http://{self.host}:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"ollama-double-{self.port}", daemon=True)
-        self._thread.start()
-        self._stopped = False
+        super().__init__(_Handler, host)
+
+    def _thread_name(self) -> str:
+        return f"ollama-double-{self.port}"
 
     def model(self, name: str) -> dict | None:
         """The stored record for `name` (":latest" implied), or None."""
         with self.lock:
             return self.models.get(normalize_name(name))
 
-    def stop(self) -> None:
-        """Stop serving and free the port; safe to call twice."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
     def __enter__(self) -> "OllamaDouble":
         return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"OllamaDouble(url={self.url!r}, models={sorted(self.models)})"

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from conftest import REPO, data_cfg, write_jsonl
 from data_contracts.contracts import validate_sources
 from data_contracts.loaders import load_jsonl, load_markdown_docs
-from erpops.config import DataConfig
 
 
 def run(root: Path):

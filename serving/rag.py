@@ -1,0 +1,67 @@
+"""Retrieval for the chat: the environment's collection alias in Milvus, and the messages sent to the model.
+
+The alias, not a collection, is queried, so a release switch (deployment/deploy.py) is picked up by the next
+question. An embedded Milvus Lite file is opened per question and let go of at once (~15 ms once its server
+runs), so `erpops deploy` in another process can still open it; a Milvus server URI works the same way.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from deployment.milvus import alias_target, embedder_threshold, load_embedder, open_milvus, search
+
+
+@dataclass(frozen=True)
+class Source:
+    doc: str
+    title: str
+    score: float
+    text: str
+
+    def public(self) -> dict:
+        """What the API returns (the chunk text stays in the prompt and the trace)."""
+        return {"doc": self.doc, "title": self.title, "score": round(self.score, 4)}
+
+
+class Retriever:
+    def __init__(self, uri: str, alias: str, embedding_model: str, k: int = 5, threshold: float | None = None):
+        self.uri, self.alias, self.embedding_model, self.k = uri, alias, embedding_model, k
+        self.threshold = embedder_threshold(embedding_model, threshold)
+        self._embedder = None
+        self._lock = threading.Lock()
+
+    def embedder(self):
+        with self._lock:
+            if self._embedder is None:
+                self._embedder = load_embedder(self.embedding_model)
+            return self._embedder
+
+    def collection(self) -> str | None:
+        """The collection the alias points at now (None: nothing released to this environment yet)."""
+        with open_milvus(self.uri) as client:
+            return alias_target(client, self.alias)
+
+    def retrieve(self, question: str) -> tuple[list[Source], float | None]:
+        """Chunks scoring at least the threshold, best first, and the best score seen (None: no collection)."""
+        embedder = self.embedder()
+        with open_milvus(self.uri) as client:
+            if alias_target(client, self.alias) is None:
+                return [], None
+            hits = search(client, self.alias, embedder, question, limit=self.k, fields=("doc", "title", "text"))
+        top = max((h["score"] for h in hits), default=None)
+        return [Source(h["doc"], h["title"], h["score"], h.get("text", "")) for h in hits if h["score"] >= self.threshold], top
+
+
+def build_messages(system: str, history: list[dict], question: str, sources: list[Source],
+                   images: list[str] | None = None) -> list[dict]:
+    """System prompt with the retrieved documents, the kept conversation, then the question (with its images)."""
+    content = system
+    if sources:
+        docs = "\n\n".join(f"[{i}] {s.title} ({s.doc})\n{s.text}" for i, s in enumerate(sources, 1))
+        content += f"\n\nDocuments:\n{docs}"
+    question_msg = {"role": "user", "content": question}
+    if images:
+        question_msg["images"] = list(images)
+    return [{"role": "system", "content": content}, *history, question_msg]
