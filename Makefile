@@ -34,8 +34,9 @@ chromium:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium is not installed (needs root and apt-get): the dashboard browser test will skip"
 
+# two workers, whole files each (module fixtures build once): much of the suite waits on servers and subprocesses
 test: install $(VENV)/.erpops-gemma chromium
-	$(BIN)/python -m pytest --durations=30
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=30
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not integration and not slow"

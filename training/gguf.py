@@ -9,6 +9,7 @@ by `training.optimize.choose_gguf`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import subprocess
@@ -59,6 +60,30 @@ def convert(hf_dir: Path, outfile: Path, outtype: str) -> Path:
     return outfile
 
 
+@contextlib.contextmanager
+def shared_gguf_reader():
+    """Within the block each GGUF file is parsed once. transformers parses a file's header separately for the
+    config, the weights and the tokenizer; for SmolLM2's 49,152-token vocabulary one parse costs ~4 s on these
+    CPUs (gguf's reader builds every vocabulary string from a numpy memmap), so a load took ~12 s of which 8 were
+    spent parsing the same header again. Readers are read-only memmaps: sharing them within one load is safe."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict = {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns, args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def top_token_agreement(model_a, model_b, tokenizer, prompts: list[str]) -> float:
     """Share of positions (over all prompts) where both models predict the same next token."""
     import torch
@@ -88,8 +113,9 @@ def export_and_verify(hf_model, tokenizer, hf_dir: Path, out_dir: Path, kinds: l
     exports = {}
     for kind in kinds:
         path = convert(hf_dir, out_dir / f"model-{kind}.gguf", kind)
-        back = AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=path.name, dtype=torch.float32)
-        back_tok = AutoTokenizer.from_pretrained(out_dir, gguf_file=path.name)
+        with shared_gguf_reader():
+            back = AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=path.name, dtype=torch.float32)
+            back_tok = AutoTokenizer.from_pretrained(out_dir, gguf_file=path.name)
         agreement = top_token_agreement(hf_model, back, tokenizer, prompts)
         tok_match = all(tokenizer(p, add_special_tokens=False)["input_ids"] == back_tok(p, add_special_tokens=False)["input_ids"]
                         for p in prompts)
@@ -113,6 +139,7 @@ def load_gguf_model(gguf_path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    with shared_gguf_reader():
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     return model, tokenizer
