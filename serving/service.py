@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from data_contracts.rules import detect_language
 from erpops.config import DeployConfig, GateConfig, MLflowSettings
+from serving.batching import DynamicBatcher
+from serving.cache import ResponseCache, cache_key, response_cache
 from serving.catalog import Catalog, ModelRef
 from serving.context import ContextStore, context_store
 from serving.keys import KeyStore
@@ -54,6 +56,8 @@ class ChatOutput:
     latency_s: float
     prompt_tokens: int | None
     completion_tokens: int | None
+    cached: bool = False
+    """The answer came from the response cache (same release, conversation, context and parameters)."""
 
 
 @dataclass
@@ -70,6 +74,16 @@ class Service:
     live: LiveStats
     tracer: Tracer
     ollama_host: str
+    cache: ResponseCache | None = None
+    serving_release: str | None = None
+    """The environment's release at the last question (a change invalidates the old release's cached answers)."""
+    batcher: DynamicBatcher | None = None
+    """Non-streamed answers go through it (settings.batch_max / batch_wait_s); None: one by one."""
+
+    def __post_init__(self):
+        if self.batcher is None and self.settings.batch_wait_s > 0:
+            self.batcher = DynamicBatcher(self._generate_batch, self.settings.batch_max, self.settings.batch_wait_s,
+                                          name="erpops-batcher")
 
     @classmethod
     def from_settings(cls, settings: ServeSettings, deploy: DeployConfig | None = None,
@@ -88,7 +102,8 @@ class Service:
                    context_store(settings.redis_url, settings.context_turns, settings.context_ttl_s), router,
                    Retriever(deploy.milvus_uri, target.alias, deploy.embedding_model, settings.rag_k, threshold),
                    Catalog(deploy, mlflow), Metrics(), LiveStats(settings.metrics_window_s),
-                   Tracer(mlflow.tracking_uri, settings.trace_experiment, settings.trace), target.host)
+                   Tracer(mlflow.tracking_uri, settings.trace_experiment, settings.trace), target.host,
+                   response_cache(settings.redis_url, settings.cache_entries, settings.cache_ttl_s) if settings.cache else None)
 
     # ---- models ---------------------------------------------------------------------------------
     def resolve(self, model_id: str) -> ModelRef:
@@ -158,6 +173,31 @@ class Service:
         self._observe(ref, reply, reply.latency_s, False, _ids(ref))
         return reply
 
+    def generate_batched(self, ref: ModelRef, messages: list[dict], parameters: dict) -> Reply:
+        """`generate` through the dynamic batcher: requests close in time are sent to the providers together."""
+        if self.batcher is None:
+            return self.generate(ref, messages, parameters)
+        out = self.batcher.submit((ref, messages, parameters))
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def _generate_batch(self, items: list[tuple]) -> list:
+        """A batch at once: each member on its own thread (Ollama batches concurrent requests itself, up to its
+        OLLAMA_NUM_PARALLEL); a member's failure is that member's result, not the batch's."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(item):
+            try:
+                return self.generate(*item)
+            except Exception as e:
+                return e
+
+        if len(items) == 1:
+            return [one(items[0])]
+        with ThreadPoolExecutor(len(items), thread_name_prefix="erpops-batch") as pool:
+            return list(pool.map(one, items))
+
     def _options(self, parameters: dict) -> dict:
         options = {k: v for k, v in parameters.items() if v is not None}
         options.setdefault("num_predict", min(256, self.settings.max_new_tokens))
@@ -176,12 +216,16 @@ class Service:
         from evaluation.answer_scores import score_answers
         from evaluation.breakdown import percentiles
 
-        rows, latencies = [], []
-        for case in cases:
-            reply = self.generate(ref, [{"role": "user", "content": case["question"]}], parameters)
-            latencies.append(reply.latency_s)
-            rows.append({"id": case["id"], "question": case["question"], "reference": case["reference"],
-                         "answer": reply.text, "latency_s": round(reply.latency_s, 4)})
+        from concurrent.futures import ThreadPoolExecutor
+
+        def answer(case: dict) -> Reply:
+            return self.generate_batched(ref, [{"role": "user", "content": case["question"]}], parameters)
+
+        with ThreadPoolExecutor(max(1, min(len(cases), self.settings.batch_max))) as pool:  # arrive together: batched
+            replies = list(pool.map(answer, cases))
+        latencies = [r.latency_s for r in replies]
+        rows = [{"id": c["id"], "question": c["question"], "reference": c["reference"], "answer": r.text,
+                 "latency_s": round(r.latency_s, 4)} for c, r in zip(cases, replies)]
         means, scored = score_answers([r["answer"] for r in rows], [r["reference"] for r in rows],
                                       [r["question"] for r in rows])
         for row, s in zip(rows, scored):
@@ -208,6 +252,10 @@ class Service:
     # ---- chat -----------------------------------------------------------------------------------
     def _prepare_chat(self, req: ChatInput):
         ref = self.resolve(self.settings.env)
+        if ref.release_id != self.serving_release:
+            if self.cache is not None and self.serving_release is not None:
+                self.cache.invalidate(self.serving_release)
+            self.serving_release = ref.release_id
         session = req.session_id or uuid.uuid4().hex
         root = self.tracer.start("chat", {"question": req.message, "session_id": session, "images": len(req.images)},
                                  {"env": self.settings.env, "model_version": ref.version or "none"}, session)
@@ -227,7 +275,8 @@ class Service:
                                   req.images)
         return ref, session, root, sources, messages
 
-    def _finish_chat(self, ref: ModelRef, session: str, root, req: ChatInput, sources: list[Source], reply: Reply) -> ChatOutput:
+    def _finish_chat(self, ref: ModelRef, session: str, root, req: ChatInput, sources: list[Source], reply: Reply,
+                     cached: bool = False) -> ChatOutput:
         self.context.append(session, req.message, reply.text)
         if random.random() < self.settings.language_sample_rate:
             agrees = detect_language(reply.text) == detect_language(req.message)
@@ -236,7 +285,7 @@ class Service:
                         {"provider": reply.provider, "model": reply.model})
         return ChatOutput(reply.text, session, [s.public() for s in sources], reply.model, ref.version,
                           self.settings.env, reply.provider, trace_id(root), round(reply.latency_s, 4),
-                          reply.prompt_tokens, reply.completion_tokens)
+                          reply.prompt_tokens, reply.completion_tokens, cached)
 
     def _check_images(self, ref: ModelRef, req: ChatInput) -> None:
         if req.images and not self.router.supports_images(self._tag(ref)):
@@ -244,11 +293,19 @@ class Service:
 
     def chat(self, req: ChatInput) -> ChatOutput:
         ref, session, root, sources, messages = self._prepare_chat(req)
+        key = (cache_key(ref.release_id, messages, self._options(req.parameters))
+               if self.cache is not None and ref.release_id and not req.images else None)
+        hit = self.cache.get(key) if key else None
+        self.metrics.cache.labels(outcome="off" if key is None else "hit" if hit else "miss").inc()
+        if hit is not None:
+            reply = Reply(hit["text"], hit["model"], hit["provider"], hit["prompt_tokens"], hit["completion_tokens"], 0.0)
+            self.tracer.end(self.tracer.child(root, "cache", "UNKNOWN", {"key": key}), {"hit": True})
+            return self._finish_chat(ref, session, root, req, sources, reply, cached=True)
         try:
             self._check_images(ref, req)
             gen = self.tracer.child(root, "generation", "LLM", {"messages": len(messages)}, {"tag": ref.tag})
             try:
-                reply = self.generate(ref, messages, req.parameters)
+                reply = self.generate_batched(ref, messages, req.parameters)
             except Exception as e:
                 self.tracer.end(gen, error=type(e).__name__)
                 raise
@@ -256,6 +313,9 @@ class Service:
         except Exception as e:
             self.tracer.end(root, error=type(e).__name__)
             raise
+        if key:
+            self.cache.put(key, {"text": reply.text, "model": reply.model, "provider": reply.provider,
+                                 "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens})
         return self._finish_chat(ref, session, root, req, sources, reply)
 
     def chat_stream(self, req: ChatInput) -> Iterator[dict]:

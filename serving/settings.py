@@ -53,6 +53,16 @@ class ServeSettings(_Strict):
     redis_url: str | None = None
     """Conversation context in Redis (e.g. redis://127.0.0.1:6379/0), shared by every replica; None: in-process.
     ERPOPS_REDIS_URL overrides it."""
+    cache: bool = True
+    """Reuse a non-streamed chat answer for the same release, conversation, retrieved context and parameters."""
+    cache_entries: int = Field(10_000, ge=1)
+    """Most cached answers (least recently used go first)."""
+    cache_ttl_s: float = Field(3600.0, gt=0)
+    """Seconds a cached answer stays valid; a release switch invalidates the old release's answers at once."""
+    batch_max: int = Field(32, ge=1)
+    """Dynamic batching of non-streamed answers (chat, batch-test): a batch goes when this many wait..."""
+    batch_wait_s: float = Field(0.1, ge=0)
+    """...or this long after the first of them (0: no batching)."""
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     """Largest request body accepted (images included); larger: 413."""
     max_prompt_chars: int = Field(4000, ge=1)

@@ -43,6 +43,8 @@ class Metrics:
                                         ("env",), buckets=(0, 1, 2, 3, 4, 5, 10), registry=r)
         self.retrieval_score = Histogram("erpops_retrieval_top_score", "Best retrieval score per question", ("env",),
                                          buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
+        self.cache = Counter("erpops_response_cache_total", "Non-streamed chat answers by cache outcome (hit, miss, off)",
+                             ("outcome",), registry=r)
         self.provider_up = Gauge("erpops_provider_up", "1 while a provider is not cooling down", ("provider",), registry=r)
 
     def render(self) -> tuple[bytes, str]:

@@ -200,6 +200,21 @@ def test_chat_retrieves_answers_and_keeps_the_conversation(world, double):
     assert second["sources"][0]["doc"] == "hr_leave_en.md"
 
 
+def test_the_same_question_in_the_same_state_is_answered_from_the_cache(world, double):
+    h = world.auth("viewer")
+    ask = {"message": "Who approves annual leave requests?", "parameters": {"temperature": 0}}
+    calls = lambda: sum(1 for m, p in double.requests if p == "/api/chat")  # noqa: E731
+    first = world.client.post(f"{API}/chat", json=ask, headers=h).json()
+    before = calls()
+    second = world.client.post(f"{API}/chat", json=ask, headers=h).json()
+    assert not first["cached"] and second["cached"] and second["answer"] == first["answer"] and calls() == before
+    again = world.client.post(f"{API}/chat", json={**ask, "session_id": second["session_id"]}, headers=h).json()
+    assert not again["cached"]  # a conversation with history is another prompt
+    other = world.client.post(f"{API}/chat", json={**ask, "parameters": {"temperature": 0.5}}, headers=h).json()
+    assert not other["cached"]
+    assert 'erpops_response_cache_total{outcome="hit"} 1.0' in world.client.get("/metrics").text
+
+
 def test_off_topic_questions_get_no_sources(world, double):
     r = world.client.post(f"{API}/chat", json={"message": "What is the capital of Mongolia?"}, headers=world.auth("viewer"))
     assert r.status_code == 200 and r.json()["sources"] == []
@@ -258,6 +273,7 @@ def test_batch_test_scores_with_the_gate_metrics(world, double):
     assert r.status_code == 200 and body["cases"] == 8
     assert set(body["metrics"]) >= {"rouge_l", "exact_match", "keyword_coverage", "language_agreement", "latency_p50_s"}
     assert body["metrics"]["language_agreement"] == 1.0 and body["metrics"]["rouge_l"] > 0.5
+    assert max(world.service.batcher.batches) > 1  # the cases went to the model in dynamic batches
     r = world.client.post(f"{API}/ai-models/batch-test", headers=world.auth("operator"),
                           json={"model": "v1", "jsonl": '{"id": "a", "question": "q"}'})
     assert r.status_code == 422 and "jsonl line 1" in r.json()["detail"]
@@ -284,7 +300,7 @@ def test_chat_fails_over_to_an_openai_compatible_backup_and_health_says_why(worl
     with OpenAIDouble(answer="Backup says: post the transfer order.", models=(f"{NAME}:staging",)) as backup:
         providers = [ProviderConfig(name="ollama", kind="ollama", base_url=double.url),
                      ProviderConfig(name="backup", kind="openai", base_url=backup.url)]
-        settings = world.service.settings.model_copy(update={"providers": providers, "trace": False})
+        settings = world.service.settings.model_copy(update={"providers": providers, "trace": False, "cache": False})
         service = Service.from_settings(settings, deploy=world.cfg, mlflow=world.mlflow)
         from fastapi.testclient import TestClient
 
@@ -309,8 +325,10 @@ def test_admin_rolls_an_environment_back_and_the_chat_follows(world, double):
     assert r.status_code == 403
     r = world.client.post(f"{API}/environments/staging/rollback", json={"reason": "drill"}, headers=world.auth("admin"))
     assert r.status_code == 200 and r.json()["version"] == "1" and r.json()["rolled_back"] == world.releases["2"].release_id
-    chat = world.client.post(f"{API}/chat", json={"message": "stock transfer?"}, headers=world.auth("viewer")).json()
-    assert chat["version"] == "1"
+    chat = world.client.post(f"{API}/chat", json={"message": "Who approves annual leave requests?",
+                                                  "parameters": {"temperature": 0}}, headers=world.auth("viewer")).json()
+    assert chat["version"] == "1" and not chat["cached"]  # asked before of v2: the switch invalidated that answer
+    assert world.service.cache.invalidate(world.releases["2"].release_id) == 0
     r = world.client.post(f"{API}/environments/staging/rollback", json={}, headers=world.auth("admin"))
     assert r.status_code == 409 and "no earlier release" in r.json()["detail"]
     envs = world.client.get(f"{API}/environments", headers=world.auth("viewer")).json()["environments"]

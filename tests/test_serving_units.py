@@ -11,6 +11,7 @@ from conftest import redis_up
 
 from deployment.releases import Release, ReleaseEvent
 from erpops.config import DeployConfig
+from serving.cache import MemoryCache, RedisCache, cache_key
 from serving.catalog import UnknownModel, resolve
 from serving.context import MemoryContext, RedisContext
 from serving.keys import KeyStore, split_key
@@ -73,6 +74,43 @@ def test_redis_context_that_cannot_connect_is_not_ready():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     assert RedisContext(f"redis://127.0.0.1:{port}/0").ping() is False
+
+
+# ---- response cache ---------------------------------------------------------------------------------
+def test_cache_keys_depend_on_release_messages_and_parameters():
+    m = [{"role": "user", "content": "q"}]
+    k = cache_key("r1", m, {"temperature": 0})
+    assert k.startswith("r1:") and k == cache_key("r1", [dict(m[0])], {"temperature": 0})
+    assert len({k, cache_key("r2", m, {"temperature": 0}), cache_key("r1", m, {"temperature": 1}),
+                cache_key("r1", [{"role": "user", "content": "q2"}], {"temperature": 0})}) == 4
+
+
+def test_memory_cache_is_an_lru_with_a_ttl_and_invalidates_a_release():
+    clock = Clock()
+    cache = MemoryCache(max_entries=2, ttl_s=3600, clock=clock)
+    cache.put("r1:a", {"text": "A"})
+    cache.put("r1:b", {"text": "B"})
+    assert cache.get("r1:a") == {"text": "A"}  # a is now the most recently used
+    cache.put("r2:c", {"text": "C"})
+    assert cache.get("r1:b") is None and cache.get("r1:a") and cache.get("r2:c")
+    clock.t += 3600
+    assert cache.get("r1:a") is None and (cache.hits, cache.misses) == (3, 2)
+    cache.put("r1:d", {"text": "D"})
+    assert cache.invalidate("r1") == 1 and cache.get("r1:d") is None and len(cache) == 1  # r2:c, expired, not yet read
+
+
+@pytest.mark.skipif(not redis_up(), reason="no Redis on 127.0.0.1:6379")
+def test_redis_cache_caps_entries_keeps_a_ttl_and_invalidates_a_release():
+    cache = RedisCache(REDIS_URL, max_entries=2, ttl_s=3600)
+    release = f"r-{uuid.uuid4().hex[:8]}"
+    try:
+        for name in "abc":
+            cache.put(f"{release}:{name}", {"text": name})
+        assert cache.get(f"{release}:a") is None and cache.get(f"{release}:c") == {"text": "c"}
+        assert 3590 < cache.client.ttl(RedisCache.PREFIX + f"{release}:c") <= 3600
+        assert cache.invalidate(release) == 2 and cache.get(f"{release}:b") is None
+    finally:
+        cache.invalidate(release)
 
 
 # ---- live figures ---------------------------------------------------------------------------------
