@@ -30,7 +30,8 @@ def setup_process(home: Path = Path(".erpops")) -> None:
         os.environ.setdefault(k, v)
     os.environ.setdefault("HF_HOME", str((home / "hf").resolve()))
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
-    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store.db.utils", "great_expectations", "faiss", "faiss.loader"):
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store.db.utils", "great_expectations", "faiss", "faiss.loader",
+                  "milvus_lite.server_manager"):  # it logs every start and stop of the embedded server
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -252,6 +252,7 @@ class Service:
     # ---- chat -----------------------------------------------------------------------------------
     def _prepare_chat(self, req: ChatInput):
         ref = self.resolve(self.settings.env)
+        self._tag(ref)  # nothing released here yet: 409 before any retrieval or trace
         if ref.release_id != self.serving_release:
             if self.cache is not None and self.serving_release is not None:
                 self.cache.invalidate(self.serving_release)

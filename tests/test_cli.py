@@ -22,7 +22,8 @@ def erpops(*args, cwd=REPO, env=None):
 
 def test_help_lists_every_command():
     out = erpops("--help").stdout
-    for cmd in ("run", "validate", "train", "optimize", "evaluate", "promote", "deploy", "rollback", "status", "ui"):
+    for cmd in ("run", "validate", "train", "optimize", "evaluate", "promote", "deploy", "rollback", "status", "ui",
+                "serve-api", "api-key", "audit"):
         assert cmd in out
 
 
@@ -99,3 +100,50 @@ def test_promote_past_the_gate_needs_force_and_reason_and_shows_in_history(tmp_p
     assert json.loads(proc.stdout)["champion"] is None
     proc = erpops("status", "--at", "last tuesday", env=env)
     assert proc.returncode == 2 and "ISO 8601" in proc.stderr
+
+
+def test_api_key_and_serve_api_start_the_service(tmp_path):
+    """The commands a user runs: create a key, start the service, ask it (the key is refused once revoked)."""
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve = tmp_path / "serve.yaml"
+    serve.write_text(f"data_dir: {tmp_path / 'serving'}\nport: {port}\nrecipe: {TINY}\ntrace: false\n")
+    (tmp_path / "mlflow.yaml").write_text(f"tracking_uri: sqlite:///{tmp_path}/mlflow.db\n")
+    env = {"MLFLOW_TRACKING_URI": "", "ERPOPS_MLFLOW_CONFIG": str(tmp_path / "mlflow.yaml"),
+           "OLLAMA_HOST": "http://127.0.0.1:9"}
+    created = erpops("api-key", "create", "--name", "ci", "--role", "viewer", "--config", str(serve), env=env)
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)
+    assert key["role"] == "viewer" and key["key"].startswith(f"erpk_{key['key_id']}_")
+    bad = erpops("api-key", "create", "--name", "x", "--role", "root", "--config", str(serve), env=env)
+    assert bad.returncode == 2 and "unknown role" in bad.stderr and "Traceback" not in bad.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "erpops.cli", "serve-api", "--config", str(serve)], cwd=REPO,
+                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/livez", timeout=2).close()
+                break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else "no answer"
+                time.sleep(0.5)
+        ask = urllib.request.Request(f"{url}/api/v1/ai-models/list", headers={"X-API-Key": key["key"]})
+        with urllib.request.urlopen(ask, timeout=30) as r:
+            assert json.loads(r.read())["models"] == []
+        assert erpops("api-key", "revoke", key["key_id"], "--config", str(serve), env=env).returncode == 0
+        try:
+            urllib.request.urlopen(ask, timeout=30)
+            raise AssertionError("a revoked key was accepted")
+        except urllib.error.HTTPError as e:
+            assert e.code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
