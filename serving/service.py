@@ -139,6 +139,9 @@ class Service:
         except ollama.ResponseError as e:
             raise ProviderError(f"Ollama could not {'load' if load else 'unload'} {tag}: {e.error}", provider="ollama",
                                 status=e.status_code, retryable=False) from None
+        except Exception as e:  # connection refused, timeout: Ollama is not there
+            raise ProviderError(f"Ollama at {self.ollama_host} did not answer ({type(e).__name__})", provider="ollama",
+                                retryable=True) from None
         loaded, _ = self.ollama_state()
         return {"id": ref.id, "tag": tag, "state": "loaded" if tag in loaded else "available"}
 
@@ -332,26 +335,34 @@ class Service:
         gen = self.tracer.child(root, "generation", "LLM", {"messages": len(messages)}, {"tag": tag, "stream": True})
 
         def events() -> Iterator[dict]:
-            yield {"type": "start", "session_id": session, "sources": [s.public() for s in sources],
-                   "trace_id": trace_id(root), "env": self.settings.env, "version": ref.version}
-            t0 = time.perf_counter()
+            ended = False
             try:
-                for piece in self.router.stream(tag, messages, self._options(req.parameters)):
-                    if isinstance(piece, str):
-                        yield {"type": "delta", "text": piece}
-                    else:
-                        reply = piece
-            except ProviderError as e:
-                self._observe(ref, None, time.perf_counter() - t0, True, _ids(ref))
-                self.tracer.end(gen, error=type(e).__name__)
-                self.tracer.end(root, error=type(e).__name__)
-                yield {"type": "error", "detail": public_error(e)}
-                return
-            self._observe(ref, reply, reply.latency_s, False, _ids(ref))
-            self.tracer.end(gen, {"answer": reply.text}, _usage(reply))
-            out = self._finish_chat(ref, session, root, req, sources, reply)
-            yield {"type": "done", "answer": out.answer, "latency_s": out.latency_s, "provider": out.provider,
-                   "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}
+                yield {"type": "start", "session_id": session, "sources": [s.public() for s in sources],
+                       "trace_id": trace_id(root), "env": self.settings.env, "version": ref.version}
+                t0 = time.perf_counter()
+                try:
+                    for piece in self.router.stream(tag, messages, self._options(req.parameters)):
+                        if isinstance(piece, str):
+                            yield {"type": "delta", "text": piece}
+                        else:
+                            reply = piece
+                except ProviderError as e:
+                    self._observe(ref, None, time.perf_counter() - t0, True, _ids(ref))
+                    self.tracer.end(gen, error=type(e).__name__)
+                    self.tracer.end(root, error=type(e).__name__)
+                    ended = True
+                    yield {"type": "error", "detail": public_error(e)}
+                    return
+                self._observe(ref, reply, reply.latency_s, False, _ids(ref))
+                self.tracer.end(gen, {"answer": reply.text}, _usage(reply))
+                out = self._finish_chat(ref, session, root, req, sources, reply)
+                ended = True
+                yield {"type": "done", "answer": out.answer, "latency_s": out.latency_s, "provider": out.provider,
+                       "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}
+            finally:
+                if not ended:  # the client went away mid-answer: the trace still ends, marked so
+                    self.tracer.end(gen, error="client disconnected")
+                    self.tracer.end(root, error="client disconnected")
 
         return events()
 

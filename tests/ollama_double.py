@@ -222,7 +222,7 @@ class _Handler(DoubleHandler):
             "template": rec["template"] or "",
             "details": copy.deepcopy(self.double.details),
             "model_info": {},
-            "capabilities": ["completion"],
+            "capabilities": list(self.double.capabilities.get(rec["name"], ["completion"])),
             "modified_at": rec["modified_at"],
         }
         if rec["system"]:
@@ -351,6 +351,8 @@ class OllamaDouble(HTTPDouble):
       loaded_log      names a request without a prompt loaded, in order
       loaded          names loaded now (/api/ps): a generate or chat loads a model, keep_alive 0 unloads it
       details         the `details` object of /api/show and /api/tags
+      capabilities    {"name:tag": [...]}: /api/show's capabilities per model (default ["completion"]; add
+                      "vision" for a model that accepts images)
     """
 
     def __init__(self, answer: str = DEFAULT_ANSWER, host: str = "127.0.0.1") -> None:
@@ -367,6 +369,7 @@ class OllamaDouble(HTTPDouble):
         self.blobs: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []
         self.request_json: list[tuple[str, str, Any]] = []
+        self.capabilities: dict[str, list[str]] = {}
         self.details: dict = {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
                               "parameter_size": "135M", "quantization_level": "Q8_0"}
         super().__init__(_Handler, host)

@@ -246,6 +246,27 @@ def test_images_are_refused_for_a_model_without_vision(world, double):
     assert r.status_code == 422 and "images" in r.json()["detail"]
 
 
+def test_images_reach_a_model_with_vision(world, double):
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.service import Service
+
+    double.capabilities[f"{NAME}:staging"] = ["completion", "vision"]
+    try:  # a fresh service: the other one remembers that this tag had no vision
+        service = Service.from_settings(world.service.settings.model_copy(update={"trace": False}), deploy=world.cfg,
+                                        mlflow=world.mlflow)
+        key, _ = service.keys.create("vision", "viewer")
+        r = TestClient(create_app(service)).post(f"{API}/chat", headers={"X-API-Key": key},
+                                                 json={"message": "이 화면의 오류는?", "images": ["iVBORw0KGgoAAAA="]})
+        assert r.status_code == 200 and not r.json()["cached"]
+        sent = [b for m, p, b in double.request_json if p == "/api/chat"][-1]
+        assert sent["messages"][-1]["images"] == ["iVBORw0KGgoAAAA="] and sent["messages"][-1]["content"] == "이 화면의 오류는?"
+        assert all("images" not in m for m in sent["messages"][:-1])
+    finally:
+        double.capabilities.clear()
+
+
 def test_chat_requests_are_traced_to_mlflow(world, double):
     import mlflow
 
