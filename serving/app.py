@@ -278,7 +278,7 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/metrics", tags=["health"], response_class=Response)
     def metrics():
         """Prometheus metrics."""
-        body, content_type = service.metrics.render()
+        body, content_type = service.render_metrics()
         return Response(body, media_type=content_type)
 
     @app.get(f"{API}/providers", tags=["health"], responses=ERRORS)

@@ -108,13 +108,10 @@ class Catalog:
         except MlflowException:
             return set()
 
-    def resolve(self, model_id: str, prefer_env: str | None = None, state: dict | None = None) -> ModelRef:
+    def resolve(self, model_id: str, prefer_env: str | None = None) -> ModelRef:
         """The ref of a model id; an environment needs only the ledger (the chat resolves one per question)."""
         releases, events = self._ledger()
-        if state is not None:
-            versions = {v["version"] for v in state["versions"]}
-        else:
-            versions = set() if model_id in self.cfg.environments else self.version_numbers()
+        versions = set() if model_id in self.cfg.environments else self.version_numbers()
         return resolve(model_id, self.cfg, releases, events, versions, prefer_env)
 
     def models(self, loaded: set[str], present: set[str], prefer_env: str | None = None) -> list[dict]:
@@ -131,9 +128,9 @@ class Catalog:
 
     def detail(self, model_id: str, loaded: set[str], present: set[str], prefer_env: str | None = None) -> dict:
         state = self.registry()
-        ref = self.resolve(model_id, prefer_env, state)
+        releases, events = self._ledger()
+        ref = resolve(model_id, self.cfg, releases, events, {v["version"] for v in state["versions"]}, prefer_env)
         version = next((v for v in state["versions"] if v["version"] == ref.version), None)
-        releases, _ = self._ledger()
         out = describe(version, ref, loaded, present) if version else {"id": ref.id, "version": None,
                                                                         "state": "absent", "envs": {}}
         out["releases"] = [r.to_dict() for r in releases if ref.version and r.model_version == ref.version]

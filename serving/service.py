@@ -161,8 +161,12 @@ class Service:
                 self.metrics.tokens_per_s.labels(**labels).observe(tokens / seconds)
         for model_id in ids:
             self.live.record(model_id, seconds, not error, tokens)
+
+    def render_metrics(self) -> tuple[bytes, str]:
+        """The Prometheus exposition, with each provider's up gauge read from the router at scrape time."""
         for state in self.router.state():
             self.metrics.provider_up.labels(provider=state["provider"]).set(0 if state["cooling_down"] else 1)
+        return self.metrics.render()
 
     def generate(self, ref: ModelRef, messages: list[dict], parameters: dict) -> Reply:
         """One answer from the model behind `ref`, through the providers (failover), measured."""
