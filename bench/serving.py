@@ -8,7 +8,9 @@ Measures, through HTTP:
   - chat p50, uncached vs cached (the same questions again: the response cache answers);
   - chat throughput from 32 concurrent clients, with dynamic batching (32 requests or 100 ms) vs one by one
     (batch_max 1: the batcher sends a single request at a time);
-  - the canary router's cost per question (serving.canary.route, a hash of the session id).
+  - the canary router's cost per question: the session hash alone (serving.canary.route), the whole canary path
+    in-process (canary state from the ledger, routing, recording the call), and chat p50 over HTTP with a canary
+    running (50% of conversations on a second release) against p50 without one (before and after it).
 
 The double answers after `--model-s` seconds and serves requests concurrently, like an Ollama server with
 OLLAMA_NUM_PARALLEL >= 32: the batched/one-by-one ratio here is what the service's batching can give such a
@@ -41,7 +43,14 @@ def main() -> None:
 
     from erpops.runtime import setup_process
     from serving.app import create_app
+    from service_world import SPEC
+    from test_ollama import fake_gguf
+    from test_vector_store import DOCS
+
+    from deployment.rollout import abort_canary, start_canary
+    from erpops.config import CanaryPolicy
     from serving.canary import route
+    from serving.providers import Reply
     from serving.service import Service
 
     setup_process(REPO / ".erpops")
@@ -81,6 +90,24 @@ def main() -> None:
             batched, serial = throughput(url), throughput(url_serial)
             batches = world.service.batcher.batches[-8:]
 
+            def fresh_p50(n: int) -> float:
+                return p50([f"How do I post a goods issue, {uuid.uuid4().hex[:8]}?" for _ in range(n)])[0]
+
+            before = fresh_p50(args.questions)
+            canary = start_canary(world.cfg, world.mlflow, "staging", "2", fake_gguf(world.root, "bench-canary"), SPEC,
+                                  DOCS, None, "bench", policy=CanaryPolicy(steps=(50, 100), window_s=3600))
+            during = fresh_p50(args.questions)
+            svc, ref = world.service, world.service.resolve("staging")
+            t0 = time.perf_counter()
+            for i in range(200):
+                _, arm = svc._route(ref, uuid.uuid4().hex)
+                svc._record(arm, "How do I post a goods issue?", Reply("Post it in MIGO.", "m", "ollama", 8, 5, 0.05), 0.05)
+            path_ms = (time.perf_counter() - t0) / 200 * 1000
+            abort_canary(world.cfg, world.mlflow, "staging", "bench", "bench done")
+            after = fresh_p50(args.questions)
+            assert canary.weight == 50
+            overhead_ms = (during - (before + after) / 2) * 1000
+
         sessions = [uuid.uuid4().hex for _ in range(20_000)]
         t0 = time.perf_counter()
         for s in sessions:
@@ -94,9 +121,13 @@ def main() -> None:
     print(f"{'chat x32 clients, dynamic batching (/s)':<40}{batched:>12.1f}   last batch sizes {batches}")
     print(f"{'chat x32 clients, one by one (/s)':<40}{serial:>12.1f}")
     print(f"{'canary route() per question (ms)':<40}{route_ms:>12.5f}")
+    print(f"{'canary path in-process per question (ms)':<40}{path_ms:>12.3f}   ledger read + route + record")
+    print(f"{'chat p50, no canary before/after (s)':<40}{before:>12.4f} / {after:.4f}")
+    print(f"{'chat p50, canary at 50% (s)':<40}{during:>12.4f}   overhead {overhead_ms:+.1f} ms")
     print(f"uncached_p50_s={uncached:.4f} cached_p50_s={cached:.4f} cache_speedup={uncached / cached:.1f} "
           f"batched_answers_per_s={batched:.1f} serial_answers_per_s={serial:.1f} batch_ratio={batched / serial:.2f} "
-          f"canary_route_ms={route_ms:.5f} backend=double model_s={args.model_s}")
+          f"canary_route_ms={route_ms:.5f} canary_path_ms={path_ms:.3f} canary_p50_overhead_ms={overhead_ms:.1f} "
+          f"backend=double model_s={args.model_s}")
 
 
 if __name__ == "__main__":

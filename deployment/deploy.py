@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from deployment.canaries import CanaryLedger
 from deployment.modelfile import ModelfileSpec
 from deployment.ollama_deploy import (HEALTH_PROMPTS, delete_tag, ollama_host, prepare_model, reachable,
                                       set_env_tags)
@@ -124,41 +125,86 @@ def release_version(cfg: DeployConfig, settings: MLflowSettings, env: str, versi
     target = env_target(cfg, env)
     ledger = ReleaseLedger(settings)
     with release_lock(settings):
-        reconcile(cfg, settings, target, actor)
-        current, _ = ledger.serving(env)
-        out = ReleaseOutcome(env, "deploy", previous=current)
-        sha = digest_file(gguf)
-        release_id = new_release_id(version)
-        coll = collection_name(cfg.collection_alias, release_id)
-        fail = _failer(ledger, out, target, release_id, current, actor)
-        if expected_sha256 and sha != expected_sha256:
-            fail("deploy_kb", f"{gguf}: sha256 {sha} is not the registered version's {expected_sha256}")
-        t0 = time.perf_counter()
-        try:
-            out.kb = build_collection(cfg, docs, coll, golden)
-        except Exception as e:
-            fail("deploy_kb", f"knowledge base {coll}: {e}")
-        out.seconds.update({f"kb_{k}": v for k, v in (out.kb.seconds or {}).items()}, kb=time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        try:
-            tag = _prepare_ollama(cfg, target, release_id, gguf, sha, spec, out)
-        except Exception as e:
-            drop_collection(cfg.milvus_uri, coll)
-            fail("deploy_ollama", f"Ollama release {cfg.ollama_model}:{release_id} on {target.host}: {e}")
-        out.seconds["ollama"] = time.perf_counter() - t0
-        out.release = Release(release_id, settings.registered_model_name, version, sha, modelfile_digest(spec, gguf.name),
-                              coll, cfg.embedding_model, corpus_digest(docs), tag or f"{cfg.ollama_model}:{release_id}",
-                              _now(), actor)
-        ledger.add_release(out.release)
+        out = _build(cfg, settings, target, ledger, version, gguf, spec, docs, golden, actor, expected_sha256)
         try:
             _switch(cfg, settings, target, ledger, out, "deploy", actor, reason)
         except ReleaseError:  # the switch was put back: what was built for it serves nowhere
-            drop_collection(cfg.milvus_uri, coll)
-            if tag:
-                delete_tag(target.host, tag)
+            _drop_built(cfg, target, out)
             raise
         out.collected = collect(cfg, settings)
     return out
+
+
+def prepare_release(cfg: DeployConfig, settings: MLflowSettings, env: str, version: str, gguf: Path,
+                    spec: ModelfileSpec, docs: list[dict], golden: list[dict] | None, actor: str,
+                    expected_sha256: str | None = None) -> ReleaseOutcome:
+    """Build a release of `version` for `env` exactly as `release_version` does (collection scored on the golden
+    queries, Ollama tag answering the health prompts, the release in the ledger) and switch nothing: `env` keeps
+    serving what it served. A canary (deployment/rollout.py) routes part of the traffic to it, then
+    `switch_release` makes it the environment's release."""
+    target = env_target(cfg, env)
+    ledger = ReleaseLedger(settings)
+    with release_lock(settings):
+        out = _build(cfg, settings, target, ledger, version, gguf, spec, docs, golden, actor, expected_sha256)
+        out.action = "prepare"
+    return out
+
+
+def switch_release(cfg: DeployConfig, settings: MLflowSettings, env: str, release_id: str, actor: str,
+                   reason: str = "", gguf_for=None) -> ReleaseOutcome:
+    """Switch `env` to a release already built (a canary's): its collection must exist and its Ollama tag answer
+    the health prompts on env's host first; then both halves and the registry alias move, as for `deploy`."""
+    target = env_target(cfg, env)
+    ledger = ReleaseLedger(settings)
+    with release_lock(settings):
+        reconcile(cfg, settings, target, actor)
+        current, _ = ledger.serving(env)
+        if current == release_id:
+            raise ValueError(f"{env} already serves {release_id}")
+        out = ReleaseOutcome(env, "deploy", release=ledger.release(release_id), previous=current)
+        _ensure_model(cfg, target, out, gguf_for, _failer(ledger, out, target, release_id, current, actor))
+        _switch(cfg, settings, target, ledger, out, "deploy", actor, reason)
+        out.collected = collect(cfg, settings)
+    return out
+
+
+def _build(cfg: DeployConfig, settings: MLflowSettings, target: EnvTarget, ledger: ReleaseLedger, version: str,
+           gguf: Path, spec: ModelfileSpec, docs: list[dict], golden: list[dict] | None, actor: str,
+           expected_sha256: str | None) -> ReleaseOutcome:
+    """Both halves of a new release, prepared and recorded in the ledger (called under the release lock)."""
+    reconcile(cfg, settings, target, actor)
+    current, _ = ledger.serving(target.name)
+    out = ReleaseOutcome(target.name, "deploy", previous=current)
+    sha = digest_file(gguf)
+    release_id = new_release_id(version)
+    coll = collection_name(cfg.collection_alias, release_id)
+    fail = _failer(ledger, out, target, release_id, current, actor)
+    if expected_sha256 and sha != expected_sha256:
+        fail("deploy_kb", f"{gguf}: sha256 {sha} is not the registered version's {expected_sha256}")
+    t0 = time.perf_counter()
+    try:
+        out.kb = build_collection(cfg, docs, coll, golden)
+    except Exception as e:
+        fail("deploy_kb", f"knowledge base {coll}: {e}")
+    out.seconds.update({f"kb_{k}": v for k, v in (out.kb.seconds or {}).items()}, kb=time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    try:
+        tag = _prepare_ollama(cfg, target, release_id, gguf, sha, spec, out)
+    except Exception as e:
+        drop_collection(cfg.milvus_uri, coll)
+        fail("deploy_ollama", f"Ollama release {cfg.ollama_model}:{release_id} on {target.host}: {e}")
+    out.seconds["ollama"] = time.perf_counter() - t0
+    out.release = Release(release_id, settings.registered_model_name, version, sha, modelfile_digest(spec, gguf.name),
+                          coll, cfg.embedding_model, corpus_digest(docs), tag or f"{cfg.ollama_model}:{release_id}",
+                          _now(), actor)
+    ledger.add_release(out.release)
+    return out
+
+
+def _drop_built(cfg: DeployConfig, target: EnvTarget, out: ReleaseOutcome) -> None:
+    drop_collection(cfg.milvus_uri, out.release.collection)
+    if out.ollama and not out.ollama.startswith("skipped") and reachable(target.host):
+        delete_tag(target.host, out.release.ollama_tag)
 
 
 def import_release(cfg: DeployConfig, settings: MLflowSettings, env: str, bundle: Path, actor: str,
@@ -310,15 +356,17 @@ def reconcile(cfg: DeployConfig, settings: MLflowSettings, target: EnvTarget, ac
 def collect(cfg: DeployConfig, settings: MLflowSettings) -> dict[str, list[str]]:
     """Drop what no environment can go back to: collections (and Ollama release tags) of releases that are neither
     the current nor the previous one of any environment, beyond the newest `keep_releases`; and leftovers of
-    builds that never switched (a crashed run). Unloads collections no alias points at except each env's previous
-    one, which stays loaded: requests in flight drain from it and a rollback switches back at once."""
-    ledger = ReleaseLedger(settings)
+    builds that never switched (a crashed run, an aborted canary); a running canary's release is kept. Unloads
+    collections no alias points at except each env's previous one, which stays loaded: requests in flight drain
+    from it and a rollback switches back at once."""
+    ledger, canaries = ReleaseLedger(settings), CanaryLedger(settings)
     events, releases = ledger.events(), ledger.releases()
     stacks = {env: env_stack(events, env) for env in cfg.environments}
     keep_ids = {rid for stack in stacks.values() for rid in stack[-2:]}
     switched_ids = {e.release_id for e in events if e.action in ("deploy", "promote-env", "rollback")}
     switched = [r for r in releases if r.release_id in switched_ids]
     keep_ids.update(r.release_id for r in switched[-cfg.keep_releases:])
+    keep_ids.update(s.release_id for s in (canaries.state(env) for env in cfg.environments) if s and s.active)
     keep_collections = {r.collection for r in releases if r.release_id in keep_ids}
     dropped = collect_collections(cfg.milvus_uri, cfg.collection_alias, keep_collections, keep_newest=0)
     hosts = {env_target(cfg, env).host for env in cfg.environments}

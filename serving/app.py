@@ -10,6 +10,7 @@ No `from __future__ import annotations` here: FastAPI reads the annotations of t
 are local to `create_app` (they carry the service's limits).
 """
 
+import contextlib
 import json
 import logging
 import time
@@ -156,10 +157,21 @@ def create_app(service: Service) -> FastAPI:
     class SwitchRequest(_Body):
         reason: Annotated[str, Field(max_length=500)] = ""
 
+    class CanaryCompareRequest(_Body):
+        limit: int = Field(100, ge=5, le=s.max_batch_cases, description="Most logged questions to ask again.")
+
+    class CanaryPromoteRequest(SwitchRequest):
+        full: bool = Field(False, description="Skip the remaining steps: switch to the canary's release now.")
+
     class PromoteRequest(SwitchRequest):
         source: str = Field(description="Environment whose release is promoted, e.g. staging.")
 
-    app = _App(title="erpops model management and ERP chat API", version="1",
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        service.close()
+
+    app = _App(title="erpops model management and ERP chat API", version="1", lifespan=lifespan,
                   description="Model management (registry versions, releases, Ollama) and the RAG chat service of "
                               "the ERP assistant. Send an API key as `Authorization: Bearer <key>` or `X-API-Key`.")
     app.state.service = service
@@ -399,6 +411,60 @@ def create_app(service: Service) -> FastAPI:
         request.state.outcome = f"{env}: {out.previous} -> {out.release.release_id}"
         return {"env": env, "release": out.release.release_id, "version": out.release.model_version,
                 "previous": out.previous}
+
+    @app.get(f"{API}/environments/{{env}}/canary", tags=["releases"], responses=ERRORS)
+    def canary(env: str, _: Principal = viewer) -> dict:
+        """The environment's newest canary (or A/B test): status, weight, step, policy, and its events."""
+        from deployment.canaries import canary_state
+
+        env_guard(env)
+        events = service.canaries.events(env)
+        state = canary_state(events, env)
+        return {"env": env, "canary": state.to_dict() if state else None,
+                "events": [e.to_dict() for e in events if state and e.canary_id == state.canary_id]}
+
+    @app.post(f"{API}/environments/{{env}}/canary/promote", tags=["releases"], responses=ERRORS)
+    def canary_promote(env: str, body: CanaryPromoteRequest, request: Request, who: Principal = admin) -> dict:
+        """A paused or progressing canary to its next step; at the last step (or `full`) the environment switches
+        to the canary's release."""
+        from deployment.deploy import registry_gguf_fetcher
+        from deployment.rollout import CanaryError, promote_canary
+
+        env_guard(env)
+        try:
+            state = promote_canary(service.deploy, service.mlflow, env, f"api:{who.actor}", body.reason, body.full,
+                                   registry_gguf_fetcher(service.mlflow))
+        except CanaryError as e:
+            raise HTTPException(409, str(e)) from None
+        request.state.outcome = f"{env}: canary {state.canary_id} {state.status} at {state.weight:g}%"
+        return {"env": env, "canary": state.to_dict()}
+
+    @app.post(f"{API}/environments/{{env}}/canary/compare", tags=["releases"], responses=ERRORS)
+    def canary_compare(env: str, body: CanaryCompareRequest, _: Principal = operator) -> dict:
+        """A/B: the canary's logged questions asked again of both releases, paired by question, compared with the
+        gate's paired bootstrap (good answers, language agreement, latency). Positive deltas favour B (the canary)."""
+        from erpops.config import load_recipe
+
+        env_guard(env)
+        if env != s.env:
+            raise HTTPException(409, f"this service serves {s.env}; ask a service of {env}")
+        try:
+            return service.ab_compare(load_recipe(s.recipe).gate, body.limit)
+        except ValueError as e:
+            raise HTTPException(409, str(e)) from None
+
+    @app.post(f"{API}/environments/{{env}}/canary/abort", tags=["releases"], responses=ERRORS)
+    def canary_abort(env: str, body: SwitchRequest, request: Request, who: Principal = admin) -> dict:
+        """Weight 0 now: the stable release (which never stopped serving) answers every conversation."""
+        from deployment.rollout import CanaryError, abort_canary
+
+        env_guard(env)
+        try:
+            state = abort_canary(service.deploy, service.mlflow, env, f"api:{who.actor}", body.reason)
+        except CanaryError as e:
+            raise HTTPException(409, str(e)) from None
+        request.state.outcome = f"{env}: canary {state.canary_id} aborted"
+        return {"env": env, "canary": state.to_dict()}
 
     @app.get(f"{API}/audit", tags=["releases"], responses=ERRORS)
     def audit(limit: Annotated[int, Field(ge=1, le=1000)] = 100, _: Principal = admin) -> dict:

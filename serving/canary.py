@@ -17,27 +17,10 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from erpops.config import CanaryPolicy
 from serving.telemetry import percentile
 
-
-@dataclass(frozen=True)
-class CanaryPolicy:
-    steps: tuple[int, ...] = (10, 50, 100)
-    """Canary weights in percent, each held for one analysis window; 100 is the last (then promote)."""
-    window_s: float = 300.0
-    """How long each step is held and judged."""
-    min_requests: int = 20
-    """Fewest canary calls in a window for a verdict; fewer: Inconclusive."""
-    failure_limit: int = 0
-    """Failed windows tolerated before the rollout aborts (Argo's default 0: the first failure aborts)."""
-    max_error_rate: float = 0.05
-    """Share of canary calls that may fail."""
-    max_bad_answer_rate: float = 0.10
-    """Share of canary answers that may be empty, in the wrong language or carry template tokens."""
-    max_p95_ratio: float = 1.5
-    """Canary p95 latency may be at most this multiple of the stable release's..."""
-    p95_floor_s: float = 1.0
-    """...or this many seconds, whichever is larger (a fast stable release does not make noise a failure)."""
+__all__ = ["Call", "CanaryPolicy", "Verdict", "judge", "next_action", "route"]
 
 
 @dataclass(frozen=True)
@@ -89,10 +72,12 @@ def judge(canary: Sequence[Call], stable: Sequence[Call], policy: CanaryPolicy) 
     return Verdict("Failed" if reasons else "Successful", reasons, figures)
 
 
-def next_action(outcomes: Sequence[str], step: int, policy: CanaryPolicy) -> str:
-    """After the windows judged so far at this rollout (oldest first) and the current step index:
-    "abort" | "pause" | "next-step" | "promote" | "wait" (nothing judged yet)."""
-    if sum(1 for o in outcomes if o == "Failed") > policy.failure_limit:
+def next_action(outcomes: Sequence[str], step: int, policy: CanaryPolicy, failures: int | None = None) -> str:
+    """After the analyses judged so far at this step (oldest first) and the current step index:
+    "abort" | "pause" | "next-step" | "promote" | "wait" (nothing judged yet, or a failure still tolerated).
+    `failures`: Failed analyses over the whole rollout (default: those among `outcomes`)."""
+    failed = sum(1 for o in outcomes if o == "Failed") if failures is None else failures
+    if failed > policy.failure_limit:
         return "abort"
     if not outcomes:
         return "wait"

@@ -43,13 +43,15 @@ class Retriever:
         with open_milvus(self.uri) as client:
             return alias_target(client, self.alias)
 
-    def retrieve(self, question: str) -> tuple[list[Source], float | None]:
-        """Chunks scoring at least the threshold, best first, and the best score seen (None: no collection)."""
+    def retrieve(self, question: str, collection: str | None = None) -> tuple[list[Source], float | None]:
+        """Chunks scoring at least the threshold, best first, and the best score seen (None: no collection).
+        `collection`: search that collection (a canary release's) instead of the environment's alias."""
         embedder = self.embedder()
         with open_milvus(self.uri) as client:
-            if alias_target(client, self.alias) is None:
+            if collection is None and alias_target(client, self.alias) is None:
                 return [], None
-            hits = search(client, self.alias, embedder, question, limit=self.k, fields=("doc", "title", "text"))
+            hits = search(client, collection or self.alias, embedder, question, limit=self.k,
+                          fields=("doc", "title", "text"))
         top = max((h["score"] for h in hits), default=None)
         return [Source(h["doc"], h["title"], h["score"], h.get("text", "")) for h in hits if h["score"] >= self.threshold], top
 

@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 
+from data_contracts.checks import TEMPLATE_TOKENS
 from data_contracts.rules import detect_language
+from deployment.canaries import CanaryLedger, CanaryState
+from deployment.ollama_deploy import answer_problems
+from deployment.releases import Release, ReleaseLedger
 from erpops.config import DeployConfig, GateConfig, MLflowSettings
 from serving.batching import DynamicBatcher
 from serving.cache import ResponseCache, cache_key, response_cache
+from serving.canary import Call, route
+from serving.canary_log import CallLog, MemoryCallLog, call_log
 from serving.catalog import Catalog, ModelRef
 from serving.context import ContextStore, context_store
 from serving.keys import KeyStore
@@ -58,6 +67,23 @@ class ChatOutput:
     completion_tokens: int | None
     cached: bool = False
     """The answer came from the response cache (same release, conversation, context and parameters)."""
+    release: str | None = None
+    """The release that answered."""
+    arm: str | None = None
+    """While a canary or A/B test runs: "canary" or "stable", the side this conversation is on; else None."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """The side of a running canary one question went to."""
+
+    canary_id: str
+    name: str
+    """"canary" or "stable"."""
+    stable: ModelRef
+    """The stable release's ref (a failed canary answer is asked again there)."""
+    collection: str | None = None
+    """The canary release's own collection (None: the environment's alias)."""
 
 
 @dataclass
@@ -79,11 +105,26 @@ class Service:
     """The environment's release at the last question (a change invalidates the old release's cached answers)."""
     batcher: DynamicBatcher | None = None
     """Non-streamed answers go through it (settings.batch_max / batch_wait_s); None: one by one."""
+    calls: CallLog = field(default_factory=MemoryCallLog)
+    """Answers of a running canary, per arm, for its analysis."""
 
     def __post_init__(self):
         if self.batcher is None and self.settings.batch_wait_s > 0:
             self.batcher = DynamicBatcher(self._generate_batch, self.settings.batch_max, self.settings.batch_wait_s,
                                           name="erpops-batcher")
+        self.canaries = CanaryLedger(self.mlflow)
+        self._releases: dict[str, Release] = {}
+        self._stop = threading.Event()
+        self._analyzer = None
+        if self.settings.canary_analysis:
+            self._analyzer = threading.Thread(target=self._analyze_loop, name="erpops-canary-analysis", daemon=True)
+            self._analyzer.start()
+
+    def close(self) -> None:
+        """Stop the canary analysis thread (the app's shutdown; tests)."""
+        self._stop.set()
+        if self._analyzer is not None:
+            self._analyzer.join(timeout=10)
 
     @classmethod
     def from_settings(cls, settings: ServeSettings, deploy: DeployConfig | None = None,
@@ -103,7 +144,8 @@ class Service:
                    Retriever(deploy.milvus_uri, target.alias, deploy.embedding_model, settings.rag_k, threshold),
                    Catalog(deploy, mlflow), Metrics(), LiveStats(settings.metrics_window_s),
                    Tracer(mlflow.tracking_uri, settings.trace_experiment, settings.trace), target.host,
-                   response_cache(settings.redis_url, settings.cache_entries, settings.cache_ttl_s) if settings.cache else None)
+                   response_cache(settings.redis_url, settings.cache_entries, settings.cache_ttl_s) if settings.cache else None,
+                   calls=call_log(settings.redis_url))
 
     # ---- models ---------------------------------------------------------------------------------
     def resolve(self, model_id: str) -> ModelRef:
@@ -163,10 +205,138 @@ class Service:
             self.live.record(model_id, seconds, not error, tokens)
 
     def render_metrics(self) -> tuple[bytes, str]:
-        """The Prometheus exposition, with each provider's up gauge read from the router at scrape time."""
+        """The Prometheus exposition, with each provider's up gauge read from the router and the canary's weight
+        from the canary ledger at scrape time."""
         for state in self.router.state():
             self.metrics.provider_up.labels(provider=state["provider"]).set(0 if state["cooling_down"] else 1)
+        canary = self.canaries.state(self.settings.env)
+        self.metrics.canary_weight.labels(env=self.settings.env).set(canary.weight if canary and canary.active else 0)
         return self.metrics.render()
+
+    # ---- canary -----------------------------------------------------------------------------------
+    def canary(self) -> CanaryState | None:
+        return self.canaries.state(self.settings.env)
+
+    def _release(self, release_id: str) -> Release:
+        if release_id not in self._releases:
+            self._releases[release_id] = ReleaseLedger(self.mlflow).release(release_id)
+        return self._releases[release_id]
+
+    def _route(self, ref: ModelRef, session: str) -> tuple[ModelRef, Arm | None]:
+        """The ref that answers this conversation: the canary's release for its share of sessions (sticky: a
+        hash of the session id) while a canary of the serving release runs, else the environment's own."""
+        state = self.canaries.state(self.settings.env)
+        if state is None or not state.active or state.stable_release != ref.release_id:
+            return ref, None
+        if route(session, state.weight) == "stable":
+            return ref, Arm(state.canary_id, "stable", ref)
+        r = self._release(state.release_id)
+        return (ModelRef(self.settings.env, r.model_version, r.ollama_tag, r.release_id, {}),
+                Arm(state.canary_id, "canary", ref, r.collection))
+
+    def _record(self, arm: Arm | None, question: str, reply: Reply | None, seconds: float) -> None:
+        """One answer of a running canary's arm, for its analysis (serving.canary.judge)."""
+        if arm is None:
+            return
+        problems: tuple[str, ...] = ()
+        if reply is not None:
+            lang = detect_language(question)
+            problems = tuple(p for p in answer_problems(lang or "", reply.text, seconds, float("inf"), TEMPLATE_TOKENS)
+                             if lang or not p.startswith("answered in"))
+        self.calls.record(arm.canary_id, arm.name, Call(reply is not None, seconds, problems))
+        outcome = "error" if reply is None else "bad" if problems else "ok"
+        self.metrics.canary_answers.labels(env=self.settings.env, arm=arm.name, outcome=outcome).inc()
+
+    def canary_tick(self, now: datetime | None = None) -> dict | None:
+        """Judge the running canary on the calls of its current step so far (deployment.rollout.analyze): abort,
+        pause, next step or promote. None when no canary progresses or nothing was decided."""
+        from deployment.rollout import analyze
+
+        state = self.canaries.state(self.settings.env)
+        if state is None or state.status != "progressing":
+            return None
+        since = state.step_started().timestamp()
+        return analyze(self.deploy, self.mlflow, self.settings.env, self.calls.calls(state.canary_id, "canary", since),
+                       self.calls.calls(state.canary_id, "stable", since), f"serve-api@{socket.gethostname()}",
+                       now=now, expected=state.canary_id)
+
+    def logged_questions(self, canary_id: str, limit: int = 100) -> list[str]:
+        """The distinct questions of a canary's traffic (both arms), newest first, from the chat traces in MLflow."""
+        import mlflow
+
+        if not self.tracer.enabled or self.tracer.experiment_id is None:
+            raise ValueError("tracing is off (serve with trace: true): there is no logged traffic to compare on")
+        traces = mlflow.search_traces(locations=[self.tracer.experiment_id], filter_string=f"tag.canary = '{canary_id}'",
+                                      max_results=limit, order_by=["timestamp_ms DESC"], return_type="list")
+        questions = []
+        for t in traces:
+            root = next((sp for sp in t.data.spans if sp.parent_id is None), None)
+            question = (root.inputs or {}).get("question") if root is not None else None
+            if isinstance(question, str) and question.strip():
+                questions.append(question)
+        return list(dict.fromkeys(questions))
+
+    def ab_compare(self, gate: GateConfig, limit: int = 100, questions: list[str] | None = None) -> dict:
+        """The running (or last) canary's two releases on the same questions: its logged traffic, each question
+        asked again of A (stable) and B (canary) with each release's own knowledge base, the answers paired by
+        question and compared with the gate's paired bootstrap (evaluation.gates.compare) on the policy's
+        `ab_tolerances`. Positive deltas favour B."""
+        from evaluation.answer_scores import load_metric
+        from evaluation.gates import DIRECTION, MIN_PAIRED, compare, pair_rows
+
+        state = self.canary()
+        if state is None:
+            raise ValueError(f"{self.settings.env} has had no canary or A/B test to compare")
+        questions = questions if questions is not None else self.logged_questions(state.canary_id, limit)
+        if len(questions) < MIN_PAIRED:
+            raise ValueError(f"{len(questions)} distinct questions logged for {state.canary_id}; the paired "
+                             f"comparison needs at least {MIN_PAIRED}")
+        arms = {}
+        for name, release_id in (("A", state.stable_release), ("B", state.release_id)):
+            r = self._release(release_id)
+            arms[name] = (ModelRef(self.settings.env, r.model_version, r.ollama_tag, r.release_id, {}), r.collection)
+        language = load_metric("language_agreement")
+
+        def rows(ref: ModelRef, collection: str) -> list[dict]:
+            from concurrent.futures import ThreadPoolExecutor
+
+            def one(item):
+                i, q = item
+                sources, _ = self.retriever.retrieve(q, collection)
+                reply = self.generate_batched(ref, build_messages(self.settings.system_prompt, [], q, sources), {})
+                problems = answer_problems(detect_language(q) or "", reply.text, reply.latency_s, float("inf"),
+                                           TEMPLATE_TOKENS)
+                return {"id": i, "question": q, "answer": reply.text, "latency_s": reply.latency_s,
+                        "good_answer": 0.0 if problems else 1.0}
+
+            with ThreadPoolExecutor(max(1, min(len(questions), self.settings.batch_max))) as pool:
+                out = list(pool.map(one, enumerate(questions)))
+            scores = language.compute(predictions=[r["answer"] for r in out], questions=questions)
+            for row, value in zip(out, scores["language_agreement_per_example"]):
+                row["language_agreement"] = value
+            return out
+
+        a, b = rows(*arms["A"]), rows(*arms["B"])
+        cfg = gate.model_copy(update={"tolerances": dict(state.policy.ab_tolerances)})
+        comparisons = compare(pair_rows(b, a), cfg, {**DIRECTION, "good_answer": "higher", "latency_s": "lower"})
+        means = {name: {m: round(sum(r[m] for r in rs) / len(rs), 4) for m in cfg.tolerances}
+                 for name, rs in (("A", a), ("B", b))}
+        return {"canary": state.canary_id, "mode": state.mode, "A": state.stable_release, "B": state.release_id,
+                "questions": len(questions), "confidence": gate.confidence, "means": means,
+                "comparisons": [c.__dict__ for c in comparisons],
+                "rows": [{"id": x["id"], "question": x["question"], "A": x["answer"], "B": y["answer"]}
+                         for x, y in zip(a, b)]}
+
+    def _analyze_loop(self) -> None:
+        delay = self.settings.canary_poll_s
+        while not self._stop.wait(delay):
+            try:
+                self.canary_tick()
+                state = self.canaries.state(self.settings.env)
+                delay = state.policy.interval_s if state and state.status == "progressing" else self.settings.canary_poll_s
+            except Exception:  # the next tick tries again; a failing analysis must not stop the service
+                log.exception("canary analysis of %s failed", self.settings.env)
+                delay = self.settings.canary_poll_s
 
     def generate(self, ref: ModelRef, messages: list[dict], parameters: dict) -> Reply:
         """One answer from the model behind `ref`, through the providers (failover), measured."""
@@ -265,26 +435,31 @@ class Service:
                 self.cache.invalidate(self.serving_release)
             self.serving_release = ref.release_id
         session = req.session_id or uuid.uuid4().hex
+        ref, arm = self._route(ref, session)
+        tags = {"env": self.settings.env, "model_version": ref.version or "none", "release": ref.release_id or "none"}
+        if arm is not None:
+            tags.update(canary=arm.canary_id, arm=arm.name)
         root = self.tracer.start("chat", {"question": req.message, "session_id": session, "images": len(req.images)},
-                                 {"env": self.settings.env, "model_version": ref.version or "none"}, session)
+                                 tags, session)
         span = self.tracer.child(root, "retrieval", "RETRIEVER", {"query": req.message})
+        collection = arm.collection if arm else None
         try:
-            sources, top = self.retriever.retrieve(req.message)
+            sources, top = self.retriever.retrieve(req.message, collection)
         except Exception as e:
             self.tracer.end(span, error=type(e).__name__)
             self.tracer.end(root, error=type(e).__name__)
             raise
         self.tracer.end(span, [{"page_content": s.text, "metadata": {"doc": s.doc, "title": s.title, "score": s.score}}
-                               for s in sources], {"collection_alias": self.retriever.alias, "top_score": top})
+                               for s in sources], {"collection_alias": collection or self.retriever.alias, "top_score": top})
         self.metrics.retrieval_hits.labels(env=self.settings.env).observe(len(sources))
         if top is not None:
             self.metrics.retrieval_score.labels(env=self.settings.env).observe(top)
         messages = build_messages(self.settings.system_prompt, self.context.history(session), req.message, sources,
                                   req.images)
-        return ref, session, root, sources, messages
+        return ref, arm, session, root, sources, messages
 
-    def _finish_chat(self, ref: ModelRef, session: str, root, req: ChatInput, sources: list[Source], reply: Reply,
-                     cached: bool = False) -> ChatOutput:
+    def _finish_chat(self, ref: ModelRef, arm: Arm | None, session: str, root, req: ChatInput, sources: list[Source],
+                     reply: Reply, cached: bool = False) -> ChatOutput:
         self.context.append(session, req.message, reply.text)
         if random.random() < self.settings.language_sample_rate:
             agrees = detect_language(reply.text) == detect_language(req.message)
@@ -293,14 +468,30 @@ class Service:
                         {"provider": reply.provider, "model": reply.model})
         return ChatOutput(reply.text, session, [s.public() for s in sources], reply.model, ref.version,
                           self.settings.env, reply.provider, trace_id(root), round(reply.latency_s, 4),
-                          reply.prompt_tokens, reply.completion_tokens, cached)
+                          reply.prompt_tokens, reply.completion_tokens, cached, ref.release_id, arm and arm.name)
 
     def _check_images(self, ref: ModelRef, req: ChatInput) -> None:
         if req.images and not self.router.supports_images(self._tag(ref)):
             raise ImagesRefused(f"{ref.tag} does not accept images (no vision capability); send the question alone")
 
+    def _answer(self, ref: ModelRef, arm: Arm | None, req: ChatInput, messages: list[dict]) -> tuple[Reply, ModelRef, Arm | None]:
+        """The model's answer, recorded for a running canary's analysis; a canary release that fails to answer is
+        recorded as failed and the question is asked of the stable release (the user never sees the canary's
+        fault)."""
+        t0 = time.perf_counter()
+        try:
+            reply = self.generate_batched(ref, messages, req.parameters)
+        except ProviderError:
+            self._record(arm, req.message, None, time.perf_counter() - t0)
+            if arm is None or arm.name != "canary":
+                raise
+            log.warning("canary %s: %s failed to answer; asked the stable release", arm.canary_id, ref.tag)
+            return self.generate_batched(arm.stable, messages, req.parameters), arm.stable, None
+        self._record(arm, req.message, reply, reply.latency_s)
+        return reply, ref, arm
+
     def chat(self, req: ChatInput) -> ChatOutput:
-        ref, session, root, sources, messages = self._prepare_chat(req)
+        ref, arm, session, root, sources, messages = self._prepare_chat(req)
         key = (cache_key(ref.release_id, messages, self._options(req.parameters))
                if self.cache is not None and ref.release_id and not req.images else None)
         hit = self.cache.get(key) if key else None
@@ -308,12 +499,12 @@ class Service:
         if hit is not None:
             reply = Reply(hit["text"], hit["model"], hit["provider"], hit["prompt_tokens"], hit["completion_tokens"], 0.0)
             self.tracer.end(self.tracer.child(root, "cache", "UNKNOWN", {"key": key}), {"hit": True})
-            return self._finish_chat(ref, session, root, req, sources, reply, cached=True)
+            return self._finish_chat(ref, arm, session, root, req, sources, reply, cached=True)
         try:
             self._check_images(ref, req)
             gen = self.tracer.child(root, "generation", "LLM", {"messages": len(messages)}, {"tag": ref.tag})
             try:
-                reply = self.generate_batched(ref, messages, req.parameters)
+                reply, ref, arm = self._answer(ref, arm, req, messages)
             except Exception as e:
                 self.tracer.end(gen, error=type(e).__name__)
                 raise
@@ -324,12 +515,12 @@ class Service:
         if key:
             self.cache.put(key, {"text": reply.text, "model": reply.model, "provider": reply.provider,
                                  "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens})
-        return self._finish_chat(ref, session, root, req, sources, reply)
+        return self._finish_chat(ref, arm, session, root, req, sources, reply)
 
     def chat_stream(self, req: ChatInput) -> Iterator[dict]:
         """NDJSON events: `start` (session, sources, trace id), `delta` (text) ..., then `done` (the whole answer,
         tokens, latency) or `error` (a failure after the stream began; HTTP already said 200)."""
-        ref, session, root, sources, messages = self._prepare_chat(req)
+        ref, arm, session, root, sources, messages = self._prepare_chat(req)
         try:
             self._check_images(ref, req)
             tag = self._tag(ref)
@@ -342,7 +533,8 @@ class Service:
             ended = False
             try:
                 yield {"type": "start", "session_id": session, "sources": [s.public() for s in sources],
-                       "trace_id": trace_id(root), "env": self.settings.env, "version": ref.version}
+                       "trace_id": trace_id(root), "env": self.settings.env, "version": ref.version,
+                       "release": ref.release_id, "arm": arm and arm.name}
                 t0 = time.perf_counter()
                 try:
                     for piece in self.router.stream(tag, messages, self._options(req.parameters)):
@@ -352,14 +544,16 @@ class Service:
                             reply = piece
                 except ProviderError as e:
                     self._observe(ref, None, time.perf_counter() - t0, True, _ids(ref))
+                    self._record(arm, req.message, None, time.perf_counter() - t0)
                     self.tracer.end(gen, error=type(e).__name__)
                     self.tracer.end(root, error=type(e).__name__)
                     ended = True
                     yield {"type": "error", "detail": public_error(e)}
                     return
                 self._observe(ref, reply, reply.latency_s, False, _ids(ref))
+                self._record(arm, req.message, reply, reply.latency_s)
                 self.tracer.end(gen, {"answer": reply.text}, _usage(reply))
-                out = self._finish_chat(ref, session, root, req, sources, reply)
+                out = self._finish_chat(ref, arm, session, root, req, sources, reply)
                 ended = True
                 yield {"type": "done", "answer": out.answer, "latency_s": out.latency_s, "provider": out.provider,
                        "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}

@@ -63,6 +63,12 @@ class ServeSettings(_Strict):
     """Dynamic batching of non-streamed answers (chat, batch-test): a batch goes when this many wait..."""
     batch_wait_s: float = Field(0.1, ge=0)
     """...or this long after the first of them (0: no batching)."""
+    canary_analysis: bool = True
+    """Judge the environment's running canary from this replica, every `interval_s` of its policy (deploy.canary):
+    abort, pause, next step or promote (deployment/rollout.py). False: only `erpops canary promote|abort` move it;
+    its routing applies either way."""
+    canary_poll_s: float = Field(5.0, gt=0)
+    """How often a replica looks for a canary started in its environment (while none runs)."""
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     """Largest request body accepted (images included); larger: 413."""
     max_prompt_chars: int = Field(4000, ge=1)

@@ -45,6 +45,11 @@ class Metrics:
                                          buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
         self.cache = Counter("erpops_response_cache_total", "Non-streamed chat answers by cache outcome (hit, miss, off)",
                              ("outcome",), registry=r)
+        self.canary_weight = Gauge("erpops_canary_weight", "Percent of conversations on the running canary (0: none)",
+                                   ("env",), registry=r)
+        self.canary_answers = Counter("erpops_canary_answers_total",
+                                      "Answers while a canary runs, by arm (canary, stable) and outcome (ok, bad, error)",
+                                      ("env", "arm", "outcome"), registry=r)
         self.provider_up = Gauge("erpops_provider_up", "1 while a provider is not cooling down", ("provider",), registry=r)
 
     def render(self) -> tuple[bytes, str]:

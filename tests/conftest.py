@@ -104,3 +104,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def erpops_cli(tmp_path: Path, cfg, settings, ollama_url: str):
+    """`erpops ...` in a subprocess against a given store: a recipe whose deploy section names the Milvus file and
+    the Ollama host, and an mlflow.yaml naming the tracking store (inherited MLFLOW_* variables dropped)."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"name: t\ndeploy:\n  milvus_uri: {cfg.milvus_uri}\n  ollama_host: {ollama_url}\n"
+                      f"  chunk_chars: 400\n")
+    mlflow_yaml = tmp_path / "mlflow.yaml"
+    mlflow_yaml.write_text(f"tracking_uri: {settings.tracking_uri}\nartifact_location: {settings.artifact_location}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_REGISTRY"))}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "erpops.cli", *args, "--recipe", str(recipe), "--mlflow-config",
+                               str(mlflow_yaml)], capture_output=True, text=True, env=env, timeout=300)
+    return cli

@@ -249,8 +249,9 @@ class _Handler(DoubleHandler):
             self._send_error(404, f"model '{raw}' not found")
             return None
         with d.lock:
-            error = d.generate_error
+            error = d.errors.get(rec["name"], d.generate_error)
             answer = d.answers.get(rec["name"], d.answer)
+            delay = d.delays.get(rec["name"], d.generate_delay_s)
         if answer == DEFAULT_ANSWER and prompt and not re.search("[\uac00-\ud7a3]", prompt):
             answer = DEFAULT_ANSWER_EN
         if error is not None:
@@ -263,8 +264,8 @@ class _Handler(DoubleHandler):
             answer, reason = "", ("unload" if unload else "load")
         else:
             reason = "stop"
-            if d.generate_delay_s:
-                time.sleep(d.generate_delay_s)
+            if delay:
+                time.sleep(delay)
         with d.lock:
             (d.loaded.discard if unload else d.loaded.add)(rec["name"])
         stats = {"done_reason": reason, "total_duration": 1_000_000, "load_duration": 100_000, "prompt_eval_count": 8,
@@ -347,6 +348,8 @@ class OllamaDouble(HTTPDouble):
       create_error    None, or a message: /api/create then fails with HTTP 500 {"error": message}
       blob_delay_s    seconds an upload waits before it is stored (a client timeout shorter than it fails)
       generate_delay_s seconds every answering /api/generate waits (a slow model)
+      errors          {"name:tag": message}: per-model generate_error (a release that fails in service)
+      delays          {"name:tag": seconds}: per-model generate_delay_s (a release that answers slowly)
       unloaded        names a keep_alive=0 request without a prompt unloaded, in order
       loaded_log      names a request without a prompt loaded, in order
       loaded          names loaded now (/api/ps): a generate or chat loads a model, keep_alive 0 unloads it
@@ -362,6 +365,8 @@ class OllamaDouble(HTTPDouble):
         self.create_error: str | None = None
         self.blob_delay_s = 0.0
         self.generate_delay_s = 0.0
+        self.errors: dict[str, str] = {}
+        self.delays: dict[str, float] = {}
         self.unloaded: list[str] = []
         self.loaded_log: list[str] = []
         self.loaded: set[str] = set()

@@ -14,7 +14,7 @@ from ollama_double import OllamaDouble
 from test_ollama import fake_gguf
 from test_vector_store import DOCS
 
-from conftest import REPO
+from conftest import REPO, erpops_cli
 from deployment import deploy as D
 from deployment.modelfile import CHATML_TEMPLATE, ModelfileSpec
 from deployment.releases import ReleaseEvent, ReleaseLedger, env_stack, pending_switch
@@ -345,20 +345,9 @@ def test_a_bundle_carries_a_release_into_another_store_and_a_corrupted_byte_is_r
 
 
 def test_cli_promote_env_needs_a_reason_and_releases_shows_both_envs(setup, double, tmp_path):
-    import os
-
     cfg, settings, _, _ = setup
     r1 = release(setup, "staging", "1").release
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"name: t\ndeploy:\n  milvus_uri: {cfg.milvus_uri}\n  ollama_host: {double.url}\n"
-                      f"  chunk_chars: 400\n")
-    mlflow_yaml = tmp_path / "mlflow.yaml"
-    mlflow_yaml.write_text(f"tracking_uri: {settings.tracking_uri}\nartifact_location: {settings.artifact_location}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_REGISTRY"))}
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "erpops.cli", *args, "--recipe", str(recipe), "--mlflow-config",
-                               str(mlflow_yaml)], capture_output=True, text=True, env=env, timeout=300)
+    cli = erpops_cli(tmp_path, cfg, settings, double.url)
 
     refused = cli("promote-env", "staging", "prod")
     assert refused.returncode == 2 and "needs --reason" in refused.stderr and "Traceback" not in refused.stderr
