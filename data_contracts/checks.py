@@ -6,7 +6,7 @@ from data_contracts.loaders import Row
 from data_contracts.report import Violation
 
 QA_REQUIRED = {"id": str, "module": str, "lang": str, "instruction": str, "response": str}
-QA_OPTIONAL = {"context": str, "source": str}
+QA_OPTIONAL = {"context": str, "source": str, "trace_id": str}
 CHAT_REQUIRED = {"id": str, "module": str, "lang": str, "messages": list}
 DOC_REQUIRED = {"title": str, "module": str, "lang": str}
 DOC_OPTIONAL = {"file": str, "body": str}

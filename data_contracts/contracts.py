@@ -26,6 +26,8 @@ class Corpus:
     qa_pairs: list[dict] = field(default_factory=list)
     chat_logs: list[dict] = field(default_factory=list)
     docs: list[dict] = field(default_factory=list)
+    feedback: list[dict] = field(default_factory=list)
+    """Curated feedback rows (qa_pairs' schema), each with `_file` and `_line`."""
 
 
 def load_suite(name: str):
@@ -45,8 +47,10 @@ def _gx_context():
     return ctx
 
 
-def run_suite(ctx, name: str, where: list[tuple[str, int]], frame_rows: list[dict]) -> tuple[list[Violation], dict]:
-    """Validate a frame with the named suite; map GX's unexpected row indexes back to (file, line)."""
+def run_suite(ctx, name: str, where: list[tuple[str, int]], frame_rows: list[dict],
+              source: str | None = None) -> tuple[list[Violation], dict]:
+    """Validate a frame with the named suite; map GX's unexpected row indexes back to (file, line). `source`:
+    the data source's name in the context (default the suite's; unique per file checked)."""
     import pandas as pd
 
     suite = load_suite(name)
@@ -55,7 +59,7 @@ def run_suite(ctx, name: str, where: list[tuple[str, int]], frame_rows: list[dic
         column = exp.kwargs.get("column") if hasattr(exp, "kwargs") else None
         if column and column not in df.columns:
             df[column] = None
-    asset = ctx.data_sources.add_pandas(f"erp-{name}").add_dataframe_asset(name)
+    asset = ctx.data_sources.add_pandas(f"erp-{source or name}").add_dataframe_asset(name)
     batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": df})
     result = batch.validate(suite, result_format="COMPLETE")
     violations = []
@@ -92,14 +96,18 @@ def validate_sources(cfg: DataConfig, extra_template_tokens: tuple[str, ...] = (
     corpus = Corpus()
     ctx = _gx_context()
     sources = [
-        ("qa_pairs", cfg.root / cfg.qa_pairs, load_jsonl, checks.QA_REQUIRED, checks.QA_OPTIONAL, corpus.qa_pairs),
-        ("chat_logs", cfg.root / cfg.chat_logs, load_jsonl, checks.CHAT_REQUIRED, {}, corpus.chat_logs),
-        ("erp_docs", cfg.root / cfg.docs, load_markdown_docs, checks.DOC_REQUIRED, checks.DOC_OPTIONAL, corpus.docs),
+        ("qa_pairs", "qa_pairs", cfg.root / cfg.qa_pairs, load_jsonl, checks.QA_REQUIRED, checks.QA_OPTIONAL,
+         corpus.qa_pairs),
+        ("chat_logs", "chat_logs", cfg.root / cfg.chat_logs, load_jsonl, checks.CHAT_REQUIRED, {}, corpus.chat_logs),
+        ("erp_docs", "erp_docs", cfg.root / cfg.docs, load_markdown_docs, checks.DOC_REQUIRED, checks.DOC_OPTIONAL,
+         corpus.docs),
     ]
-    for name, path, loader, required, optional, keep in sources:
+    sources += [("feedback", "qa_pairs", path, load_jsonl, checks.QA_REQUIRED, checks.QA_OPTIONAL, corpus.feedback)
+                for path in sorted((cfg.root / cfg.feedback).glob("*.jsonl"))]
+    for label, name, path, loader, required, optional, keep in sources:
         rows, violations = loader(path)
         report.violations += violations
-        report.counts[name] = len(rows)
+        report.counts[label] = report.counts.get(label, 0) + len(rows)
         good: list[Row] = []
         for row in rows:
             file = str(path / row.data["file"]) if name == "erp_docs" else str(path)
@@ -117,10 +125,11 @@ def validate_sources(cfg: DataConfig, extra_template_tokens: tuple[str, ...] = (
             continue
         frame = [_chat_frame(r.data) if name == "chat_logs" else r.data for r in good]
         where = [(str(path / r.data["file"]) if name == "erp_docs" else str(path), r.line) for r in good]
-        gx_violations, gx_result = run_suite(ctx, name, where, frame)
+        source = name if label == name else f"{label}-{path.name}"
+        gx_violations, gx_result = run_suite(ctx, name, where, frame, source)
         report.violations += gx_violations
-        report.gx_results[name] = gx_result
-        keep.extend(dict(r.data, _line=r.line) for r in good)
+        report.gx_results[source] = gx_result
+        keep.extend(dict(r.data, _line=r.line, _file=str(path)) for r in good)
     return report, corpus
 
 
@@ -138,12 +147,15 @@ def check_corpus(cfg: DataConfig, tokenizer=None):
     qa_file, chat_file = str(cfg.root / cfg.qa_pairs), str(cfg.root / cfg.chat_logs)
     where = {r["id"]: (qa_file, r["_line"]) for r in corpus.qa_pairs}
     where.update({r["id"]: (chat_file, r["_line"]) for r in corpus.chat_logs})
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "_line"} for r in rows]  # noqa: E731
-    ds = build_dataset(strip(corpus.qa_pairs), strip(corpus.chat_logs), cfg.split_seed, cfg.eval_fraction)
+    where.update({r["id"]: (r["_file"], r["_line"]) for r in corpus.feedback})
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("_line", "_file")} for r in rows]  # noqa: E731
+    ds = build_dataset(strip(corpus.qa_pairs), strip(corpus.chat_logs), cfg.split_seed, cfg.eval_fraction,
+                       strip(corpus.feedback))
     train = [rules.Located(*where[e["id"]], e) for e in ds.train]
     evals = [rules.Located(*where[e["id"]], e) for e in ds.eval]
     report.violations += rules.duplicate_violations(train, cfg.near_duplicate_threshold)
-    report.violations += rules.leakage_violations(train, evals)
+    report.violations += rules.leakage_violations([x for x in train if x.example["source"] != "feedback"], evals)
+    report.violations += rules.eval_overlap_violations([x for x in train if x.example["source"] == "feedback"], evals)
     report.violations += rules.coverage_violations(train, cfg.min_examples_per_module, MODULES, qa_file)
     if tokenizer is not None:
         report.violations += rules.length_violations(train + evals, tokenizer, cfg.max_seq_len)

@@ -73,9 +73,13 @@ def in_eval(example_id: str, seed: int, eval_fraction: float) -> bool:
     return bucket / 2**64 < eval_fraction
 
 
-def build_dataset(qa_rows: list[dict], chat_rows: list[dict], seed: int, eval_fraction: float) -> SplitDataset:
+def build_dataset(qa_rows: list[dict], chat_rows: list[dict], seed: int, eval_fraction: float,
+                  feedback_rows: list[dict] = ()) -> SplitDataset:
+    """Train/eval by the id hash; curated feedback rows (users' corrections) always train: the eval set stays the
+    one every champion was measured on."""
     examples = [qa_to_example(r) for r in qa_rows] + [chat_to_example(r) for r in chat_rows]
+    examples += [dict(qa_to_example(r), source="feedback") for r in feedback_rows]
     examples.sort(key=lambda e: e["id"])
-    train = [e for e in examples if not in_eval(e["id"], seed, eval_fraction)]
-    evals = [e for e in examples if in_eval(e["id"], seed, eval_fraction)]
+    train = [e for e in examples if e["source"] == "feedback" or not in_eval(e["id"], seed, eval_fraction)]
+    evals = [e for e in examples if e["source"] != "feedback" and in_eval(e["id"], seed, eval_fraction)]
     return SplitDataset(train=train, eval=evals, digest=content_digest(examples))

@@ -220,20 +220,44 @@ def duplicate_violations(train: list[Located], threshold: float) -> list[Violati
     return out
 
 
+def _texts_index(located: list[Located]) -> tuple[dict, dict]:
+    """(normalised first instruction -> example, normalised last answer -> example)."""
+    return ({normalize(first_user_text(x.example)): x for x in located},
+            {normalize(x.example["messages"][-1]["content"]): x for x in located})
+
+
+def _overlap(example: dict, index: tuple[dict, dict]) -> tuple[str, Located] | None:
+    """("instruction" | "answer", the indexed example it repeats), or None."""
+    for what, by, text in (("instruction", index[0], first_user_text(example)),
+                           ("answer", index[1], example["messages"][-1]["content"])):
+        key = normalize(text)
+        if key and key in by:
+            return what, by[key]
+    return None
+
+
 def leakage_violations(train: list[Located], evals: list[Located]) -> list[Violation]:
     """An eval example whose instruction or answer also appears in training data is leakage: an error."""
-    by_instruction = {normalize(first_user_text(x.example)): x for x in train}
-    by_answer = {normalize(x.example["messages"][-1]["content"]): x for x in train}
-    out = []
+    index, out = _texts_index(train), []
     for e in evals:
-        for what, index, text in (("instruction", by_instruction, first_user_text(e.example)),
-                                  ("answer", by_answer, e.example["messages"][-1]["content"])):
-            hit = index.get(normalize(text))
-            if hit is not None and normalize(text):
-                out.append(Violation("leakage.train_eval", e.file, e.line,
-                                     f"eval example {e.example['id']} has the same {what} as training example "
-                                     f"{hit.example['id']} ({hit.file}:{hit.line})"))
-                break
+        hit = _overlap(e.example, index)
+        if hit:
+            out.append(Violation("leakage.train_eval", e.file, e.line,
+                                 f"eval example {e.example['id']} has the same {hit[0]} as training example "
+                                 f"{hit[1].example['id']} ({hit[1].file}:{hit[1].line})"))
+    return out
+
+
+def eval_overlap_violations(candidates: list[Located], evals: list[Located]) -> list[Violation]:
+    """A training row added from outside the split (curated feedback) whose instruction or answer is an eval
+    example's: an error at the added row (it would leak the eval set into training)."""
+    index, out = _texts_index(evals), []
+    for x in candidates:
+        hit = _overlap(x.example, index)
+        if hit:
+            out.append(Violation("leakage.feedback_eval", x.file, x.line,
+                                 f"{x.example['id']} has the same {hit[0]} as eval example {hit[1].example['id']} "
+                                 f"({hit[1].file}:{hit[1].line})"))
     return out
 
 

@@ -47,7 +47,7 @@ def validate_data(cfg: DataConfig, out_dir: Path, tracker: Tracker | None = None
         raise DataContractError(report)
 
     paths = ds.write(out_dir)
-    docs = [{k: v for k, v in d.items() if k != "_line"} for d in corpus.docs]
+    docs = [{k: v for k, v in d.items() if k not in ("_line", "_file")} for d in corpus.docs]
     log.info("data contracts pass: %d train / %d eval examples, %d docs, digest %s (%d warnings, %d rows masked)",
              len(ds.train), len(ds.eval), len(docs), ds.digest[:12], len(report.violations), masked)
     if tracker:

@@ -12,6 +12,7 @@
     erpops trigger -d train-and-gate/on-merge --watch --timeout 3600   # CI: run a deployment, exit by its state
     erpops serve-api                            # model-management API + RAG chat + dashboard on 127.0.0.1:8600
     erpops api-key create --name me --role admin / erpops audit
+    erpops feedback list --since 7d --verdict down  # users' verdicts on answers (on their MLflow traces)
     erpops canary start --env staging --version 3   # canary release: 10% -> 50% -> 100%, judged, auto-abort (status, promote, abort)
 """
 
@@ -748,6 +749,69 @@ def key_revoke(key_id: str = typer.Argument(..., help="Key id (the part after er
 def audit(config: Optional[str] = ServeConfigOpt, limit: int = typer.Option(50, help="Newest entries shown.")):
     """The service's audit log: every mutating API call, who made it, when, and its result."""
     typer.echo(json.dumps([e.to_dict() for e in _keystore(config).audit_log(limit)], indent=2, ensure_ascii=False))
+
+
+feedback_app = typer.Typer(no_args_is_help=True, help="Users' verdicts on chat answers (on their MLflow traces).")
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.command("list")
+def feedback_list(since: Optional[str] = typer.Option(None, "--since", help="7d, 12h, 30m, or an ISO date (UTC)."),
+                  model: Optional[str] = typer.Option(None, "--model", help="Only answers of this version (v3)."),
+                  verdict: Optional[str] = typer.Option(None, "--verdict", help="up or down."),
+                  config: Optional[str] = ServeConfigOpt, mlflow_config: Optional[str] = MlflowOpt,
+                  as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
+    """Verdicts given on chat answers, oldest first: when, up or down, version, environment, trace, the question
+    and the corrected answer."""
+    from erpops.runtime import setup_process
+
+    setup_process()
+    settings = _serve_settings(config)
+    from serving.feedback import format_feedback, list_feedback, parse_since
+
+    if verdict not in (None, "up", "down"):
+        _fail(f"--verdict must be up or down, got {verdict!r}", 2)
+    try:
+        start = parse_since(since)
+    except ValueError as e:
+        _fail(str(e), 2)
+    rows = list_feedback(_settings(mlflow_config).tracking_uri, settings.trace_experiment, start, model, verdict)
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in rows], indent=2, ensure_ascii=False))
+        return
+    typer.echo(format_feedback(rows))
+
+
+@feedback_app.command("export")
+def feedback_export(since: Optional[str] = typer.Option(None, "--since", help="Only verdicts since: 7d, 12h, or an ISO date."),
+                    recipe: str = RecipeOpt, data: Optional[Path] = typer.Option(None, "--data", help="Data root (default: the recipe's data.root)."),
+                    config: Optional[str] = ServeConfigOpt, mlflow_config: Optional[str] = MlflowOpt):
+    """Users' corrected answers as a new curated feedback file of the corpus (<data root>/feedback/), through the
+    data contracts (PII per data.pii_policy, template tokens, language, length, duplicates, no eval overlap), with
+    a manifest of the traces that went in and of every refusal. Exit 1 when the corpus itself fails its contracts."""
+    from erpops.runtime import setup_process
+
+    setup_process()
+    r = _load(recipe, {"data.root": str(data)} if data else None)
+    settings = _serve_settings(config)
+    from data_contracts.curation import land_feedback
+    from data_contracts.report import DataContractError
+    from registry.ledger import current_actor
+    from serving.feedback import list_feedback, parse_since
+    from training.base_model import MODELS_DIR, load_tokenizer
+
+    try:
+        start = parse_since(since)
+    except ValueError as e:
+        _fail(str(e), 2)
+    rows = list_feedback(_settings(mlflow_config).tracking_uri, settings.trace_experiment, start)
+    corrections = [{"trace_id": x.trace_id, "question": x.question, "correction": x.correction, "sources": x.sources}
+                   for x in rows if x.correction]
+    try:
+        landed = land_feedback(r.data, corrections, current_actor(), load_tokenizer(r.model, MODELS_DIR))
+    except DataContractError as e:
+        _fail(f"the corpus fails its contracts before any feedback is added; nothing written:\n{e}")
+    typer.echo(json.dumps(landed.to_dict(), indent=2, ensure_ascii=False))
 
 
 def main():

@@ -39,6 +39,9 @@ class DataConfig(_Strict):
     """Multi-turn conversations, one JSON object a line."""
     docs: str = "erp_docs"
     """Folder of Markdown documents with YAML front matter (the RAG knowledge base)."""
+    feedback: str = "feedback"
+    """Folder of curated feedback rows (`erpops feedback export`: users' corrected answers, qa_pairs' schema plus
+    the trace each came from); every *.jsonl in it is read, always into training, never eval. Absent: none."""
     eval_fraction: float = Field(0.15, gt=0, lt=1)
     """Share of training examples held out for evaluation (by a hash of the example id)."""
     split_seed: int = 42

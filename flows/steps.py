@@ -106,7 +106,8 @@ def train_step(recipe: Recipe, base: Path | str, train_examples: list[dict], out
 
 def _validate_parts(i: dict[str, Any]) -> dict[str, Any]:
     d: DataConfig = i["data"]
-    return {"data": d, "model": i["model"], "files": digest_paths([d.root / d.qa_pairs, d.root / d.chat_logs, d.root / d.docs])}
+    return {"data": d, "model": i["model"],
+            "files": digest_paths([d.root / d.qa_pairs, d.root / d.chat_logs, d.root / d.docs, d.root / d.feedback])}
 
 
 def _train_parts(i: dict[str, Any]) -> dict[str, Any]:

@@ -16,9 +16,10 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Path as FPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -27,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from serving.catalog import UnknownModel
 from serving.keys import Principal
 from serving.providers import AllProvidersFailed, ProviderError
-from serving.service import ChatInput, ImagesRefused, NotReleased, Service
+from serving.feedback import AlreadyRated, UnknownTrace
+from serving.service import ChatInput, FeedbackOff, ImagesRefused, NotReleased, Service
 
 log = logging.getLogger("erpops.serving")
 
@@ -156,6 +158,12 @@ def create_app(service: Service) -> FastAPI:
 
     class SwitchRequest(_Body):
         reason: Annotated[str, Field(max_length=500)] = ""
+
+    class FeedbackRequest(_Body):
+        verdict: Literal["up", "down"] = Field(description="Thumbs up or down.")
+        correction: Annotated[str, Field(min_length=1, max_length=s.max_prompt_chars * 2)] | None = Field(
+            None, description="The answer that should have been given (becomes a training example once curated).")
+        comment: Annotated[str, Field(max_length=2000)] | None = None
 
     class CanaryCompareRequest(_Body):
         limit: int = Field(100, ge=5, le=s.max_batch_cases, description="Most logged questions to ask again.")
@@ -484,6 +492,17 @@ def create_app(service: Service) -> FastAPI:
             return StreamingResponse((json.dumps(e, ensure_ascii=False) + "\n" for e in events),
                                      media_type="application/x-ndjson")
         return service.chat(req).__dict__
+
+    @app.post(f"{API}/chat/{{trace_id}}/feedback", tags=["chat"], responses=ERRORS)
+    def feedback(trace_id: Annotated[str, FPath(max_length=64)], body: FeedbackRequest, who: Principal = viewer) -> dict:
+        """A verdict on an answer (thumbs up or down), with an optional corrected answer and comment, recorded on
+        the answer's MLflow trace (the MLflow UI shows it beside the trace). One verdict per key and answer."""
+        try:
+            return service.feedback(trace_id, body.verdict, who.actor, body.correction, body.comment)
+        except UnknownTrace as e:
+            raise HTTPException(404, str(e)) from None
+        except (AlreadyRated, FeedbackOff) as e:
+            raise HTTPException(409, str(e)) from None
 
     # ---- dashboard -------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)

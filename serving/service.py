@@ -23,6 +23,7 @@ from data_contracts.rules import detect_language
 from deployment.canaries import CanaryLedger, CanaryState
 from deployment.ollama_deploy import answer_problems
 from deployment.releases import Release, ReleaseLedger
+from deployment.rollout import analyze
 from erpops.config import DeployConfig, GateConfig, MLflowSettings
 from serving.batching import DynamicBatcher
 from serving.cache import ResponseCache, cache_key, response_cache
@@ -250,8 +251,6 @@ class Service:
     def canary_tick(self, now: datetime | None = None) -> dict | None:
         """Judge the running canary on the calls of its current step so far (deployment.rollout.analyze): abort,
         pause, next step or promote. None when no canary progresses or nothing was decided."""
-        from deployment.rollout import analyze
-
         state = self.canaries.state(self.settings.env)
         if state is None or state.status != "progressing":
             return None
@@ -564,6 +563,18 @@ class Service:
 
         return events()
 
+    def feedback(self, trace_id: str, verdict: str, actor: str, correction: str | None = None,
+                 comment: str | None = None) -> dict:
+        """A user's verdict (and corrected answer) on a chat answer, on its MLflow trace (serving.feedback)."""
+        from serving.feedback import record_feedback
+
+        if not self.tracer.enabled or self.tracer.experiment_id is None:
+            raise FeedbackOff("tracing is off (serve with trace: true): answers have no trace to rate")
+        out = record_feedback(trace_id, self.tracer.experiment_id, verdict, actor, correction, comment)
+        self.metrics.feedback.labels(env=out["env"] or self.settings.env, version=out["version"] or "none",
+                                     verdict=verdict).inc()
+        return out
+
     # ---- health -----------------------------------------------------------------------------------
     def readiness(self) -> dict[str, dict]:
         """Each dependency: ok and a detail. The service is ready when the context store answers and at least one
@@ -582,6 +593,10 @@ class Service:
 
 class ImagesRefused(ValueError):
     """Images sent to a model that does not accept them."""
+
+
+class FeedbackOff(RuntimeError):
+    """Feedback asked of a service that does not trace its answers."""
 
 
 def _ids(ref: ModelRef) -> tuple[str, ...]:

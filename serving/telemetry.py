@@ -50,6 +50,8 @@ class Metrics:
         self.canary_answers = Counter("erpops_canary_answers_total",
                                       "Answers while a canary runs, by arm (canary, stable) and outcome (ok, bad, error)",
                                       ("env", "arm", "outcome"), registry=r)
+        self.feedback = Counter("erpops_feedback_total", "Users' verdicts on chat answers (up, down)",
+                                ("env", "version", "verdict"), registry=r)
         self.provider_up = Gauge("erpops_provider_up", "1 while a provider is not cooling down", ("provider",), registry=r)
 
     def render(self) -> tuple[bytes, str]:

@@ -1,6 +1,6 @@
 """The ai-models dashboard in a real browser (Debian's headless Chromium driven by Playwright) against the service on
 a loopback server: the model list with states, starting a model, the test form, the live charts, the comparison
-view, and the Korean/English labels."""
+view, the Korean/English labels, and a chat answer rated with its thumbs buttons."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def page(tmp_path_factory):
         pytest.skip("Debian's chromium is not installed (make test installs it)")
     from playwright.sync_api import sync_playwright
 
-    with served_world(tmp_path_factory.mktemp("dash"), trace=False) as world, live_server(world.app) as url, \
+    with served_world(tmp_path_factory.mktemp("dash"), canary_analysis=False) as world, live_server(world.app) as url, \
             sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
@@ -90,3 +90,19 @@ def test_compare_view_and_english_labels(page, tmp_path):
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
     world.double.answers.clear()
+
+
+def test_a_chat_answer_is_rated_with_a_correction(page):
+    import mlflow
+
+    page.fill("#chat-message", "재고 이동은 어떻게 등록하나요?")
+    page.click("#chat-send")
+    page.wait_for_selector("#feedback:not([hidden])")
+    assert page.inner_text("#chat-answer").strip()
+    page.fill("#fb-correction", "MIGO에서 이전 전기로 등록합니다.")
+    page.click("#fb-down")
+    page.wait_for_function("document.getElementById('fb-status').textContent.length > 0")
+    assert page.locator("#fb-up").is_disabled() and page.inner_text("#error") == ""
+    trace_id = page.evaluate("chatTrace")
+    got = {a.name: a.value for a in mlflow.get_trace(trace_id).info.assessments}
+    assert got == {"user_verdict": False, "expected_response": "MIGO에서 이전 전기로 등록합니다."}
