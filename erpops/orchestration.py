@@ -389,6 +389,25 @@ def emit_promotion(model: str, version: str, previous: str | None, recipe_path: 
                    actor: str, reason: str) -> bool:
     """Emit the promotion event to the Prefect API this process talks to, and wait until it is sent. Outside a
     flow run with no PREFECT_API_URL there is no server to tell: nothing is emitted (False)."""
+    return emit(promotion_event(model, version, previous, recipe_path, mlflow_config, actor, reason))
+
+
+RETRAIN_EVENT = "erpops.retrain.requested"
+"""Emitted by the chat service's alert receiver when an alert labelled action=retrain fires (at most once per its
+window); prefect.yaml's on-alert deployment is triggered by it and retrains with the reason as a parameter."""
+
+
+def retrain_event(env: str, reason: str, alerts: list[str], recipe_path: str, mlflow_config: str | None) -> dict:
+    """The retrain request's resource and payload (pure)."""
+    return {"event": RETRAIN_EVENT,
+            "resource": {"prefect.resource.id": f"erpops.serving.{env}", "prefect.resource.name": f"erpops serving {env}"},
+            "payload": {"reason": reason, "alerts": alerts, "env": env, "recipe_path": str(recipe_path),
+                        "mlflow_config": str(Path(mlflow_config).resolve()) if mlflow_config else ""}}
+
+
+def emit(event: dict) -> bool:
+    """Send one event to the Prefect API this process talks to and wait until it is sent; False (nothing sent)
+    outside a flow run with no PREFECT_API_URL: there is no server to tell."""
     from prefect.context import FlowRunContext
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
@@ -396,7 +415,7 @@ def emit_promotion(model: str, version: str, previous: str | None, recipe_path: 
 
     if FlowRunContext.get() is None and not PREFECT_API_URL.value():
         return False
-    sent = emit_event(**promotion_event(model, version, previous, recipe_path, mlflow_config, actor, reason))
+    sent = emit_event(**event)
     if FlowRunContext.get() is None:
         EventsWorker.drain_all()
     return sent is not None

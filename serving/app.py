@@ -504,6 +504,25 @@ def create_app(service: Service) -> FastAPI:
         except (AlreadyRated, FeedbackOff) as e:
             raise HTTPException(409, str(e)) from None
 
+    @app.post("/hooks/alertmanager", tags=["health"], status_code=202, responses={
+        400: {"model": Error, "description": "not an Alertmanager payload"},
+        401: {"model": Error, "description": "no valid bearer secret or signature"},
+        409: {"model": Error, "description": "a replayed or stale signed webhook"},
+        403: {"model": Error, "description": "no alert secret configured: webhooks are off"}})
+    async def alertmanager(request: Request) -> dict:
+        """Alertmanager's webhook (bearer secret), or a signed one (X-Erpops-Timestamp, X-Erpops-Signature): a
+        firing alert labelled action=retrain requests a retrain (a Prefect event), at most once per window."""
+        from starlette.concurrency import run_in_threadpool
+
+        from serving.alerting import WebhookRefused
+
+        body = await request.body()
+        try:
+            return await run_in_threadpool(service.receive_alert, dict(request.headers), body)
+        except WebhookRefused as e:
+            log.warning("alert webhook refused (%s): %s", e.status, e)
+            raise HTTPException(e.status, str(e)) from None
+
     # ---- dashboard -------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
     @app.get("/ai-models", include_in_schema=False)

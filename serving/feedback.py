@@ -145,7 +145,7 @@ def list_feedback(tracking_uri: str, experiment: str, since: datetime | None = N
     if version:
         filters.append(f"tag.model_version = '{version.lstrip('v')}'")
     traces = mlflow.search_traces(locations=[found.experiment_id], filter_string=" AND ".join(filters) or None,
-                                  max_results=limit, order_by=["timestamp_ms DESC"], return_type="list")
+                                  max_results=limit, order_by=["timestamp_ms DESC"], return_type="list", flush=True)
     return feedback_rows([t for t in traces if any(a.name == VERDICT for a in t.info.assessments)], since, version,
                          verdict)
 

@@ -25,6 +25,7 @@ from deployment.ollama_deploy import answer_problems
 from deployment.releases import Release, ReleaseLedger
 from deployment.rollout import analyze
 from erpops.config import DeployConfig, GateConfig, MLflowSettings
+from serving.alerting import RetrainWindow, SeenSignatures, WebhookRefused, retrain_reasons, verify
 from serving.batching import DynamicBatcher
 from serving.cache import ResponseCache, cache_key, response_cache
 from serving.canary import Call, route
@@ -113,6 +114,8 @@ class Service:
         if self.batcher is None and self.settings.batch_wait_s > 0:
             self.batcher = DynamicBatcher(self._generate_batch, self.settings.batch_max, self.settings.batch_wait_s,
                                           name="erpops-batcher")
+        self._signatures = SeenSignatures()
+        self._retrain_window = RetrainWindow(self.settings.data_dir / "serving.db")
         self.canaries = CanaryLedger(self.mlflow)
         self._releases: dict[str, Release] = {}
         self._stop = threading.Event()
@@ -266,7 +269,7 @@ class Service:
         if not self.tracer.enabled or self.tracer.experiment_id is None:
             raise ValueError("tracing is off (serve with trace: true): there is no logged traffic to compare on")
         traces = mlflow.search_traces(locations=[self.tracer.experiment_id], filter_string=f"tag.canary = '{canary_id}'",
-                                      max_results=limit, order_by=["timestamp_ms DESC"], return_type="list")
+                                      max_results=limit, order_by=["timestamp_ms DESC"], return_type="list", flush=True)
         questions = []
         for t in traces:
             root = next((sp for sp in t.data.spans if sp.parent_id is None), None)
@@ -574,6 +577,31 @@ class Service:
         self.metrics.feedback.labels(env=out["env"] or self.settings.env, version=out["version"] or "none",
                                      verdict=verdict).inc()
         return out
+
+    def receive_alert(self, headers: dict, body: bytes) -> dict:
+        """Alertmanager's webhook (serving.alerting): verified, counted, and when an alert labelled action=retrain
+        fires, a retrain requested as a Prefect event, at most once per `retrain_window_s`."""
+        import json
+        import os
+
+        verify(headers, body, os.environ.get(self.settings.alert_secret_env), time.time(), self._signatures)
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            raise WebhookRefused(400, "the webhook body is not JSON") from None
+        if not isinstance(payload, dict):
+            raise WebhookRefused(400, "the webhook body is not an Alertmanager payload (an object)")
+        for a in payload.get("alerts") or []:
+            self.metrics.alerts.labels(alertname=(a.get("labels") or {}).get("alertname", "unknown"),
+                                       status=a.get("status", "unknown")).inc()
+        reasons = retrain_reasons(payload)
+        if not reasons:
+            return {"alerts": len(payload.get("alerts") or []), "retrain": "not asked"}
+        s = self.settings
+        out = self._retrain_window.request(reasons, "alert", s.retrain_window_s, s.env, str(s.recipe),
+                                           s.retrain_mlflow_config)
+        self.metrics.retrain_requests.labels(outcome=out["retrain"]).inc()
+        return {"alerts": len(payload["alerts"]), **out}
 
     # ---- health -----------------------------------------------------------------------------------
     def readiness(self) -> dict[str, dict]:

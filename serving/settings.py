@@ -69,6 +69,14 @@ class ServeSettings(_Strict):
     its routing applies either way."""
     canary_poll_s: float = Field(5.0, gt=0)
     """How often a replica looks for a canary started in its environment (while none runs)."""
+    alert_secret_env: str = "ERPOPS_ALERT_SECRET"
+    """Environment variable holding the secret Alertmanager's webhook sends (bearer) or other senders sign with
+    (HMAC); unset: /hooks/alertmanager refuses everything."""
+    retrain_window_s: float = Field(6 * 3600.0, ge=0)
+    """At most one retrain request (the Prefect event erpops.retrain.requested) per this many seconds, whatever
+    the number of alerts."""
+    retrain_mlflow_config: str | None = None
+    """mlflow.yaml the retrain reads (None: the worker's default); the recipe is `recipe`."""
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     """Largest request body accepted (images included); larger: 413."""
     max_prompt_chars: int = Field(4000, ge=1)

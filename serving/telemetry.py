@@ -52,6 +52,10 @@ class Metrics:
                                       ("env", "arm", "outcome"), registry=r)
         self.feedback = Counter("erpops_feedback_total", "Users' verdicts on chat answers (up, down)",
                                 ("env", "version", "verdict"), registry=r)
+        self.alerts = Counter("erpops_alerts_received_total", "Alerts received from Alertmanager by name and status",
+                              ("alertname", "status"), registry=r)
+        self.retrain_requests = Counter("erpops_retrain_requests_total",
+                                        "Retrain requests by outcome (requested, rate-limited)", ("outcome",), registry=r)
         self.provider_up = Gauge("erpops_provider_up", "1 while a provider is not cooling down", ("provider",), registry=r)
 
     def render(self) -> tuple[bytes, str]:

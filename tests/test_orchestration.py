@@ -47,13 +47,20 @@ def test_prefect_yaml_deployments_run_on_the_process_pool_with_a_seoul_nightly()
     assert nightly["timezone"] == "Asia/Seoul" and len(nightly["cron"].split()) == 5
     trigger = deps["release-staging"]["triggers"][0]  # a promotion releases to staging; nothing else is automatic
     assert trigger["expect"] == ["erpops.model.promoted"] and trigger["parameters"]["env"] == "staging"
-    assert [n for n, d in deps.items() if d.get("triggers")] == ["release-staging"]
+    assert sorted(n for n, d in deps.items() if d.get("triggers")) == ["on-alert", "release-staging"]
+    from erpops.orchestration import retrain_event
+
+    alert = deps["on-alert"]  # an alert's retrain request: train-and-gate, never two at once
+    assert alert["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    assert alert["triggers"][0]["expect"] == [retrain_event("staging", "r", [], "r.yaml", None)["event"]]
+    import re
+
+    asked = {m for v in alert["triggers"][0]["parameters"].values() for m in re.findall(r"event\.payload\.(\w+)", str(v))}
+    assert asked == {"reason", "recipe_path", "mlflow_config"} <= set(retrain_event("staging", "r", [], "r.yaml", None)["payload"])
     from erpops.orchestration import promotion_event
 
     event = promotion_event("erp-assistant", "3", "2", "r.yaml", None, "ci", "gate")
     assert event["event"] == "erpops.model.promoted" and event["resource"]["prefect.resource.id"] == "erpops.model.erp-assistant"
-    import re
-
     used = {m for v in trigger["parameters"].values() for m in re.findall(r"event\.payload\.(\w+)", str(v))}
     assert used and used <= set(event["payload"])
     for d in deps.values():  # every entrypoint names a real flow
@@ -146,6 +153,27 @@ def test_up_deploy_trigger_exit_codes_then_down(tmp_path):
         ledger = ReleaseLedger(MLflowSettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"))
         current, _ = ledger.serving("staging")
         assert current and ledger.release(current).model_version == "1"
+
+        # an alert asks for a retrain (the chat service's receiver emits erpops.retrain.requested): on-alert's
+        # trigger starts train-and-gate with the alert as its reason; a second request while it runs is cancelled
+        from erpops.orchestration import emit, retrain_event
+
+        reason = "alert: ErpopsWrongLanguage (env=staging version=1): 40% of answers in the wrong language"
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            for _ in range(2):
+                assert emit(retrain_event("staging", reason, [reason], str(tmp_path / "tiny.yaml"),
+                                          str(tmp_path / "mlflow.yaml")))
+            with get_client(sync_client=True) as client:
+                on_alert = client.read_deployment_by_name("train-and-gate/on-alert").id
+                deadline, runs = time.time() + 300, []
+                while time.time() < deadline:
+                    runs = [r for r in client.read_flow_runs() if r.deployment_id == on_alert]
+                    if len(runs) == 2 and all(r.state and r.state.is_final() for r in runs):
+                        break
+                    time.sleep(2)
+                assert sorted(r.state.type.value for r in runs) == ["CANCELLED", "COMPLETED"], \
+                    [(r.name, r.state and r.state.type.value, r.state and r.state.message) for r in runs]
+                assert {r.parameters["reason"] for r in runs} == {reason}
 
         # the train stage on the second pool: train-and-gate calls the train-gpu deployment and gets the adapter
         # back through the MLflow run; a changed recipe section (train.deployment) means a new training
