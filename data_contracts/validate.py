@@ -27,6 +27,9 @@ class ValidateResult:
     digest: str
     n_train: int
     n_eval: int
+    feedback: tuple[str, ...] = ()
+    """Curated feedback versions read (file stems under data.feedback, oldest first): the model's lineage."""
+    feedback_rows: int = 0
 
 
 def validate_data(cfg: DataConfig, out_dir: Path, tracker: Tracker | None = None, tokenizer=None) -> ValidateResult:
@@ -56,4 +59,6 @@ def validate_data(cfg: DataConfig, out_dir: Path, tracker: Tracker | None = None
                              "data/docs": len(docs)})
         tracker.log_input("erp-train", ds.digest, ds.train, str(cfg.root.resolve()), "training")
         tracker.log_input("erp-eval", ds.digest, ds.eval, str(cfg.root.resolve()), "evaluation")
-    return ValidateResult(report, paths["train"], paths["eval"], docs, ds.digest, len(ds.train), len(ds.eval))
+    feedback = tuple(sorted({Path(r["_file"]).stem for r in corpus.feedback}))
+    return ValidateResult(report, paths["train"], paths["eval"], docs, ds.digest, len(ds.train), len(ds.eval), feedback,
+                          len(corpus.feedback))

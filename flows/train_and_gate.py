@@ -153,7 +153,10 @@ def _run_stages(recipe, settings, runtime, run_dir, tracker, summary, commit, ca
         lineage = {"git_commit": commit, "dataset_digest": data.digest, "recipe_hash": recipe.digest(),
                    "data_contract": "passed", "gate_verdict": result.verdict.verdict, "gate_hash": digest_json(recipe.gate),
                    "gguf_sha256": shipped.sha256,
-                   "gguf_type": shipped.kind, "mlflow_run_id": tracker.run_id}
+                   "gguf_type": shipped.kind, "mlflow_run_id": tracker.run_id,
+                   # the newest curated feedback version trained on (users' corrections, erpops feedback export)
+                   "feedback_data": (getattr(data, "feedback", ()) or ("none",))[-1],
+                   "feedback_rows": str(getattr(data, "feedback_rows", 0))}
         # compare-and-set: the champion moves only if it is still the one the gate compared against
         promoted = _call(steps.promote_task.with_options(**opts), s, settings, tracker.run_id, shipped.path,
                          opt.modelfile, lineage, result.verdict.passed, champion.version if champion else None)

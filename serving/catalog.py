@@ -139,7 +139,7 @@ class Catalog:
 
 
 LINEAGE_TAGS = ("dataset_digest", "recipe_digest", "recipe", "base_model", "git_commit", "parent_champion",
-                "gguf_sha256", "run_name")
+                "gguf_sha256", "run_name", "feedback_data")
 
 
 def describe(version: dict, ref: ModelRef, loaded: set[str], present: set[str]) -> dict:

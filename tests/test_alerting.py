@@ -152,9 +152,19 @@ scrape_configs:
             history = window.history()
             assert [o for _, o, _ in history] == ["requested"], (tmp_path / "alertmanager.log").read_text()[-2000:]
             assert "ErpopsWrongLanguage (env=staging version=2)" in history[0][2]
-            with urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/alerts") as r:
-                firing = {a["labels"]["alertname"] for a in json.load(r)["data"]["alerts"] if a["state"] == "firing"}
-            assert "ErpopsWrongLanguage" in firing and "ErpopsHighErrorRate" not in firing
+            def firing() -> set[str]:
+                with urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/alerts") as r:
+                    return {a["labels"]["alertname"] for a in json.load(r)["data"]["alerts"] if a["state"] == "firing"}
+
+            assert "ErpopsWrongLanguage" in firing() and "ErpopsHighErrorRate" not in firing()
+            w.double.generate_error = "model crashed"  # now the answers fail: an alert that does not ask for a retrain
+            deadline = time.monotonic() + 60
+            with httpx.Client(headers={"X-API-Key": w.keys["viewer"]}, timeout=30) as http:
+                while "ErpopsHighErrorRate" not in firing() and time.monotonic() < deadline:
+                    http.post(f"{url}/api/v1/chat", json={"message": "재고 이동은 어떻게 등록하나요?"})
+                    time.sleep(0.2)
+            assert "ErpopsHighErrorRate" in firing()
+            time.sleep(3)  # Alertmanager delivers it (group_wait 1s); the receiver records no retrain for it
 
             body = json.dumps({"version": "4", "alerts": [_alert()]}).encode()
             hook = f"{url}/hooks/alertmanager"
@@ -168,6 +178,7 @@ scrape_configs:
             assert [o for _, o, _ in window.history()] == ["requested", "rate-limited"]
             metrics = httpx.get(f"{url}/metrics").text
             assert 'erpops_retrain_requests_total{outcome="requested"} 1.0' in metrics
+            assert 'erpops_alerts_received_total{alertname="ErpopsHighErrorRate",status="firing"}' in metrics
         finally:
             for p in procs:
                 p.terminate()

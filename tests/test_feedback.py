@@ -153,6 +153,11 @@ def test_corrected_answers_land_as_one_checked_file_with_lineage(corpus):
     assert len(fed) == 2 and not any(e["source"] == "feedback" for e in ds.eval)
     assert sorted(p.name for p in (corpus / "feedback").iterdir()) == [landed.file.name, landed.manifest.name]
 
+    from data_contracts.validate import validate_data
+
+    validated = validate_data(cfg, corpus.parent / "validated")  # what train-and-gate reads: the lineage names it
+    assert (validated.feedback, validated.feedback_rows, validated.digest) == ((landed.file.stem,), 2, ds.digest)
+
     again = land_feedback(cfg, _corrections(corpus)[:2], "tester")
     assert again.file is None and {r.rule for r in again.rejected} == {"feedback.exported"}
 

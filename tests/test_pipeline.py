@@ -80,6 +80,7 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
         assert tags["gate_verdict"] == "promote" and tags["deploy.staging.collection"] == out["collection"]
         assert tags["deploy.staging.release"] == out["release_id"]
         assert tags["recipe_hash"] == recipe.digest()
+        assert (tags["feedback_data"], tags["feedback_rows"]) == ("none", "0")  # no curated feedback in this corpus
         run = client.get_run(summary["mlflow_run_id"])
         assert "train/loss" in run.data.metrics and "eval/rouge_l" in run.data.metrics
         assert summary["stages"][5]["outputs"]["retrieval"]["queries"] == 1 and "kb/hit_at_5" in run.data.metrics
