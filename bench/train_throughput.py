@@ -7,7 +7,9 @@ hyperparameters.
 (a) baseline: `transformers.Trainer` + peft LoRA, batches padded to the longest, the model's own loss;
 (b) erpops: training.lora.train_lora (packed padding-free rows, vocabulary projection only at
     assistant positions, length-grouped batches);
-(c) erpops-gc: (b) with gradient checkpointing (train.gradient_checkpointing), the memory-saving option.
+(c) erpops-gc: (b) with gradient checkpointing (train.gradient_checkpointing), a memory-saving option;
+(d) erpops-mb: (b) in micro-batches of --micro-batch-tokens (train.micro_batch_tokens): the same gradient,
+    activation memory bound by the micro-batch.
 Both use the recipe's LoRA settings, batch size, learning rate, warm-up, seed and precision. Tokens/s
 counts real (non-pad) tokens. Each variant runs in its own process so peak memory is its own.
 Prints a table and, as its last line, name=value pairs. On a GPU it also prints MFU.
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("baseline", "erpops", "erpops-gc")
+VARIANTS = ("baseline", "erpops", "erpops-gc", "erpops-mb")
 sys.path.insert(0, str(REPO))
 
 
@@ -93,7 +95,8 @@ def run_erpops(args) -> dict:
     from training.lora import train_lora
 
     recipe, base, examples, runtime, out = _setup(args)
-    update = {"checkpoint_every": 0, "gradient_checkpointing": args.variant == "erpops-gc"}
+    update = {"checkpoint_every": 0, "gradient_checkpointing": args.variant == "erpops-gc",
+              "micro_batch_tokens": args.micro_batch_tokens if args.variant == "erpops-mb" else None}
     recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update=update)})
     r = train_lora(recipe, base, examples, out / args.variant, runtime)
     return {"tokens_per_s": r.tokens_per_s, "wall_s": r.wall_s, "real_tokens": round(r.tokens_per_s * r.wall_s),
@@ -116,6 +119,7 @@ def main() -> None:
     ap.add_argument("--model", choices=["recipe", "tiny"], default="recipe")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=str(REPO / ".erpops" / "bench" / "train"))
+    ap.add_argument("--micro-batch-tokens", type=int, default=1024)
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -128,7 +132,7 @@ def main() -> None:
     results = {}
     for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--variant", variant, "--recipe", args.recipe, "--model", args.model,
-               "--steps", str(args.steps), "--out", args.out]
+               "--steps", str(args.steps), "--out", args.out, "--micro-batch-tokens", str(args.micro_batch_tokens)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
@@ -147,7 +151,10 @@ def main() -> None:
     pairs = (f"ratio={ratio:.2f} baseline_tokens_per_s={results['baseline']['tokens_per_s']:.1f} "
              f"erpops_tokens_per_s={results['erpops']['tokens_per_s']:.1f} "
              f"baseline_peak_rss_mb={results['baseline']['peak_rss_mb']:.0f} erpops_peak_rss_mb={results['erpops']['peak_rss_mb']:.0f} "
-             f"gc_tokens_per_s={results['erpops-gc']['tokens_per_s']:.1f} gc_peak_rss_mb={results['erpops-gc']['peak_rss_mb']:.0f}")
+             f"gc_tokens_per_s={results['erpops-gc']['tokens_per_s']:.1f} gc_peak_rss_mb={results['erpops-gc']['peak_rss_mb']:.0f} "
+             f"mb_tokens_per_s={results['erpops-mb']['tokens_per_s']:.1f} mb_peak_rss_mb={results['erpops-mb']['peak_rss_mb']:.0f} "
+             f"mb_last_loss_delta={results['erpops-mb']['last_loss'] - results['erpops']['last_loss']:+.4f} "
+             f"micro_batch_tokens={args.micro_batch_tokens}")
     if peak and results["baseline"].get("params"):
         n = results["baseline"]["params"]
         for name, r in results.items():

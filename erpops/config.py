@@ -126,6 +126,10 @@ class TrainConfig(_Strict):
     """Padding-free batches: examples packed into rows of up to data.max_seq_len tokens (block-diagonal attention)."""
     gradient_checkpointing: bool = False
     """Recompute layer activations in the backward pass: much less activation memory for about a third more compute."""
+    micro_batch_tokens: int | None = Field(None, ge=16)
+    """Split each batch into micro-batches of at most this many tokens (an example longer than it goes alone), run
+    forward and backward on each, and divide the summed gradient by the batch's assistant tokens once: the same
+    gradient as the whole batch at once, with activation memory bound by this number. None: the whole batch."""
     deployment: str | None = None
     """Prefect deployment (flow-name/deployment-name) that runs this stage elsewhere, e.g. `train-remote/train-gpu` on
     a GPU work pool; the result comes back through the MLflow run (adapter, train/result.json). None: in this process."""

@@ -330,9 +330,10 @@ def _summary(client, flow_run_id) -> dict | None:
 
 def summary_markdown(summary: dict) -> str:
     """The run summary as the Prefect UI shows it: a stage table, the verdict, then the JSON itself."""
-    lines = ["| stage | status | time s | detail |", "|---|---|---|---|"]
+    lines = ["| stage | status | time s | peak RSS MiB | detail |", "|---|---|---|---|---|"]
     for s in summary.get("stages", []):
-        lines.append(f"| {s['name']} | {s['status']} | {s['duration_s']} | {(s.get('reason') or '').replace('|', '/')} |")
+        lines.append(f"| {s['name']} | {s['status']} | {s['duration_s']} | {s.get('peak_rss_mb') or '-'} | "
+                     f"{(s.get('reason') or '').replace('|', '/')} |")
     out = summary.get("outputs", {})
     head = [f"**model version** {out.get('model_version', '-')}  ",
             f"**gate verdict** {gate_verdict(summary) or '-'}  ",

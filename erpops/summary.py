@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,9 @@ class StageRecord:
     reason: str | None = None
     duration_s: float = 0.0
     outputs: dict[str, Any] = field(default_factory=dict)
+    peak_rss_mb: float | None = None
+    """Peak resident memory of this process while the stage ran (Linux: VmHWM, reset at the stage's start); or,
+    when a child process (a training launch, the GGUF converter) peaked higher during the stage, the child's."""
 
 
 @dataclass
@@ -43,6 +47,8 @@ class RunSummary:
         """Time a stage; an exception marks it failed (and propagates), otherwise it is ok."""
         rec = self.stages[name]
         t0 = time.perf_counter()
+        children_before = _children_peak_mb()
+        reset_peak_rss()
         try:
             yield rec
         except BaseException as e:
@@ -53,6 +59,16 @@ class RunSummary:
                 rec.status = "ok"
         finally:
             rec.duration_s = round(time.perf_counter() - t0, 2)
+            own, children = peak_rss_mb(), _children_peak_mb()
+            child = children if children > children_before else None
+            peaks = [p for p in (own, child) if p is not None]
+            rec.peak_rss_mb = round(max(peaks), 1) if peaks else None
+
+    def memory_metrics(self) -> dict[str, float]:
+        """Per-stage peak RSS as MLflow system metrics (the UI's System metrics tab), and the run's peak."""
+        peaks = {f"system/peak_rss_megabytes_{s.name}": s.peak_rss_mb for s in self.stages.values()
+                 if s.peak_rss_mb is not None and s.status == "ok"}
+        return {**peaks, "system/peak_rss_megabytes": max(peaks.values())} if peaks else {}
 
     def skip_rest(self, reason: str) -> None:
         for rec in self.stages.values():
@@ -84,7 +100,33 @@ class RunSummary:
         return write_json(self.run_dir / "run_summary.json", self.to_dict())
 
     def table(self) -> str:
-        lines = [f"{'stage':<15}{'status':<9}{'time':>8}  detail"]
+        lines = [f"{'stage':<15}{'status':<9}{'time':>8}{'peak RSS':>11}  detail"]
         for s in self.stages.values():
-            lines.append(f"{s.name:<15}{s.status:<9}{s.duration_s:>7.1f}s  {s.reason or ''}")
+            peak = f"{s.peak_rss_mb / 1024:.2f} GiB" if s.peak_rss_mb else "-"
+            lines.append(f"{s.name:<15}{s.status:<9}{s.duration_s:>7.1f}s{peak:>11}  {s.reason or ''}")
         return "\n".join(lines)
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (Linux: "5" to /proc/self/clear_refs); False where it cannot be."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak RSS since the last reset (VmHWM), in MiB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _children_peak_mb() -> float:
+    """The largest peak RSS of any finished child process (getrusage keeps a lifetime maximum), in MiB."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

@@ -78,6 +78,7 @@ def train_and_gate(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_co
         tracker.set_tags({"erpops.no_change": str(summary.outputs["no_change"]).lower(),
                           "erpops.stages_cached": ",".join(s.name for s in summary.stages.values() if s.status == "cached")})
         tracker.log_dict(summary.to_dict(), "run_summary.json")
+        tracker.log_metrics(summary.memory_metrics())
         tracker.end("FINISHED" if summary.ok else "FAILED")
         path = summary.write()
         publish_summary(summary.to_dict())

@@ -70,3 +70,39 @@ def test_the_drift_job_judges_a_releases_traces_and_logs_the_report(tmp_path, co
         assert [a.path for a in mlflow.MlflowClient(w.mlflow.tracking_uri).list_artifacts(result.run_id)] == [
             f"drift-{result.release}.html"]
         assert mlflow.MlflowClient(w.mlflow.tracking_uri).get_experiment(run.info.experiment_id).name == DRIFT_EXPERIMENT
+
+
+@pytest.mark.integration
+def test_the_cli_reports_drift_and_requests_one_retrain(tmp_path, corpus):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from service_world import served_world
+
+    with served_world(tmp_path / "world", cache=False, batch_wait_s=0, canary_analysis=False) as w:
+        for i in range(32):
+            assert w.client.post("/api/v1/chat", json={"message": f"Write a poem about the sea, verse {i}, in rhyme."},
+                                 headers=w.auth("viewer")).status_code == 200
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(f"name: t\ndata:\n  root: {corpus}\n  min_examples_per_module: 2\n"
+                          f"deploy:\n  milvus_uri: {w.cfg.milvus_uri}\n  ollama_host: {w.double.url}\n  chunk_chars: 400\n")
+        (tmp_path / "serve.yaml").write_text(f"recipe: {recipe}\ndata_dir: {tmp_path / 'serving'}\nenv: staging\n")
+        (tmp_path / "mlflow.yaml").write_text(f"tracking_uri: {w.mlflow.tracking_uri}\n"
+                                              f"artifact_location: {w.mlflow.artifact_location}\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_REGISTRY", "PREFECT_API"))}
+
+        def drift():
+            return subprocess.run([sys.executable, "-m", "erpops.cli", "drift", "--emit", "--since", "1h", "--config",
+                                   str(tmp_path / "serve.yaml"), "--mlflow-config", str(tmp_path / "mlflow.yaml"),
+                                   "--out", str(tmp_path / "drift")], capture_output=True, text=True, env=env,
+                                  cwd=REPO, timeout=600)
+
+        first, second = drift(), drift()
+        assert first.returncode == 3, first.stderr[-3000:]
+        assert "drifted: " in first.stdout and "unanswered_rate" in first.stdout
+        asked = [json.loads(x) for x in (first.stdout + second.stdout).splitlines() if x.startswith('{"retrain"')]
+        assert [a["retrain"] for a in asked] == ["requested", "rate-limited"]  # one request per window
+        assert asked[0]["event_sent"] is False  # no Prefect server here: nothing to tell, and said so

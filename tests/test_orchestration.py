@@ -229,3 +229,24 @@ def test_up_deploy_trigger_exit_codes_then_down(tmp_path):
     assert down.returncode == 0 and "prefect-server" in down.stdout
     gone = _erpops("trigger", "-d", "train-and-gate/on-merge", "--watch", "--timeout", "5", env=env)
     assert gone.returncode == 2 and "no Prefect server answers" in gone.stderr
+
+
+def test_each_stage_records_its_own_peak_rss():
+    from pathlib import Path
+
+    from erpops.summary import RunSummary, peak_rss_mb
+
+    summary = RunSummary(Path("/tmp/erpops-peak-test"), "r.yaml")
+    with summary.stage("validate"):
+        big = bytearray(300 * 1024 * 1024)  # touched: 300 MiB resident
+        big[::4096] = b"x" * len(big[::4096])
+        del big
+    with summary.stage("train"):
+        pass
+    if peak_rss_mb() is None:
+        pytest.skip("no /proc/self/status here")
+    validate, train = summary.stages["validate"].peak_rss_mb, summary.stages["train"].peak_rss_mb
+    assert validate - train > 250, (validate, train)  # the counter was reset: train does not inherit validate's peak
+    metrics = summary.memory_metrics()
+    assert metrics["system/peak_rss_megabytes"] == metrics["system/peak_rss_megabytes_validate"] == validate
+    assert "peak RSS" in summary.table() and "GiB" in summary.table()

@@ -280,3 +280,37 @@ def test_a_checkpoint_of_another_recipe_is_not_resumed(tiny_model_dir, corpus, t
     # had it resumed, its loss history would start with the first recipe's losses
     assert resumed.first_loss == scratch.first_loss != first.first_loss
     assert resumed.final_loss == scratch.final_loss
+
+
+def test_micro_batches_give_the_whole_batchs_gradient(tiny_model_dir, tokenizer):
+    from erpops.config import LoraConfig
+    from training.data import pack_batch
+    from training.lora import assistant_token_nll, load_for_training, micro_batches, scale_grads
+
+    torch.manual_seed(0)
+    model, _ = load_for_training(tiny_model_dir, LoraConfig(dropout=0.0), Runtime("cpu", "float32"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # LoRA's B starts at zero, which would leave A without a gradient to compare
+        torch.nn.init.normal_(p, std=0.02)
+    words = ["전표", "입력", "결재", "재고", "move", "stock", "post"]
+    examples = [encode_example(tokenizer, [{"role": "user", "content": " ".join(words[: 2 + i % 5])},
+                                           {"role": "assistant", "content": " ".join(words[i % 3:] * (1 + i))}])
+                for i in range(6)]
+
+    def gradient(max_tokens):
+        model.zero_grad(set_to_none=True)
+        total, parts = 0, micro_batches(examples, max_tokens)
+        for micro in parts:
+            loss_sum, n = assistant_token_nll(model, **pack_batch(micro, tokenizer.pad_token_id, 512))
+            loss_sum.backward()
+            total += n
+        scale_grads(trainable, 1.0 / total)
+        return [p.grad.clone() for p in trainable], total, len(parts)
+
+    whole, n_whole, one = gradient(None)
+    split, n_split, many = gradient(40)
+    assert one == 1 and many >= 3 and n_whole == n_split
+    assert [len(e.input_ids) for m in micro_batches(examples, 40) for e in m] == [len(e.input_ids) for e in examples]
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(float(g.abs().sum()) > 0 for g in whole)

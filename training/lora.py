@@ -96,6 +96,28 @@ def batches(examples: list[Encoded], batch_size: int, steps: int, seed: int, win
         yield pending.pop()
 
 
+def micro_batches(batch: list[Encoded], max_tokens: int | None) -> list[list[Encoded]]:
+    """The batch in order, cut into runs of at most `max_tokens` tokens (an example longer than that alone);
+    None: the whole batch as one."""
+    if not max_tokens:
+        return [batch]
+    out, current, size = [], [], 0
+    for e in batch:
+        if current and size + len(e.input_ids) > max_tokens:
+            out.append(current)
+            current, size = [], 0
+        current.append(e)
+        size += len(e.input_ids)
+    return out + [current] if current else out
+
+
+def scale_grads(params, factor: float) -> None:
+    """Multiply every gradient in place (the summed loss's gradient -> the mean's)."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
 def labelled_logits(model, input_ids, labels, attention_mask=None, position_ids=None):
     """Logits and targets at the labelled (assistant) positions only.
 
@@ -238,15 +260,20 @@ def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, trac
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         mine = distributed.shard(dist, batch)
-        collated = (pack_batch(mine, tokenizer.pad_token_id, recipe.data.max_seq_len) if cfg.packing
-                    else pad_batch(mine, tokenizer.pad_token_id))
-        inputs = {k: v.to(runtime.device) for k, v in collated.items()}
-        with torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast):
-            loss_sum, n_labelled = assistant_token_nll(model, **inputs)
+        loss_total, n_labelled = 0.0, 0
+        for micro in micro_batches(mine, cfg.micro_batch_tokens):
+            collated = (pack_batch(micro, tokenizer.pad_token_id, recipe.data.max_seq_len) if cfg.packing
+                        else pad_batch(micro, tokenizer.pad_token_id))
+            inputs = {k: v.to(runtime.device) for k, v in collated.items()}
+            with torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast):
+                loss_sum, n = assistant_token_nll(model, **inputs)
+            loss_sum.backward()  # gradients of the summed loss accumulate over the micro-batches
+            loss_total, n_labelled = loss_total + loss_sum.item(), n_labelled + n
+            del loss_sum, inputs, collated
         # [assistant tokens, all real tokens, summed loss] over every rank, in one collective
         totals = distributed.all_sum(dist, torch.tensor([n_labelled, sum(len(e.input_ids) for e in mine),
-                                                         loss_sum.item()], dtype=torch.float64))
-        (loss_sum / totals[0].item()).backward()  # the global per-token mean once gradients are summed
+                                                         loss_total], dtype=torch.float64))
+        scale_grads(trainable, 1.0 / totals[0].item())  # the global per-token mean once gradients are summed
         distributed.all_sum_grads(dist, trainable)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
         optimizer.step()
