@@ -127,14 +127,15 @@ def land_feedback(cfg: DataConfig, corrections: Sequence[dict], actor: str, toke
     try:
         for f in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
             shutil.copy2(f, staging / f.name)
-        path = staging / f"{name}.jsonl"
+        path = (staging / f"{name}.jsonl").resolve()  # the contracts name files by the resolved staging path
         staged = cfg.model_copy(update={"feedback": str(staging.resolve())})
         for _ in range(len(rows) + 1):  # each pass drops the rows the contracts refused; then check again
             _write_jsonl(path, rows)
             report, corpus, ds = check_corpus(staged, tokenizer)
             bad = {}
             for v in report.violations:
-                if Path(v.file) == path and v.line and (v.severity == "error" or v.rule.startswith("duplicate.")):
+                refuses = v.severity == "error" or v.rule.startswith("duplicate.")
+                if refuses and v.line and Path(v.file).resolve() == path:
                     bad.setdefault(v.line, v)
             if not bad and ds is not None:
                 break
@@ -146,7 +147,7 @@ def land_feedback(cfg: DataConfig, corrections: Sequence[dict], actor: str, toke
             if not rows:
                 return out
         accepted = [{k: v for k, v in r.items() if k not in ("_line", "_file")}
-                    for r in corpus.feedback if Path(r["_file"]) == path]  # as checked: PII masked
+                    for r in corpus.feedback if Path(r["_file"]).resolve() == path]  # as checked: PII masked
         _write_jsonl(path, accepted)
         folder.mkdir(parents=True, exist_ok=True)
         manifest = folder / f"{name}.manifest.json"

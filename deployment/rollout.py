@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 from deployment.canaries import CanaryLedger, CanaryState
-from deployment.deploy import ReleaseError, env_target, prepare_release, switch_release
+from deployment.deploy import ReleaseError, env_target, prepare_release, release_lock, switch_release
 from deployment.modelfile import ModelfileSpec
 from deployment.releases import ReleaseLedger, utc_now
 from erpops.config import CanaryPolicy, DeployConfig, MLflowSettings
@@ -66,7 +66,9 @@ def start_canary(cfg: DeployConfig, settings: MLflowSettings, env: str, version:
     """Build a release of `version` for `env` without switching it (deploy.prepare_release), then start routing
     the first step's share of conversations to it. `ab_split` (percent): an A/B test at that fixed weight instead
     of steps; it is judged the same way (a failure aborts it) but never promotes itself."""
-    env_target(cfg, env)  # unknown environment: ValueError before anything is built
+    target = env_target(cfg, env)  # unknown environment: ValueError before anything is built
+    if target.requires_reason and not reason.strip():
+        raise CanaryError(f"a canary in {env} needs --reason (recorded with who started it)")
     ledger = CanaryLedger(settings)
     stable = _precheck(ledger, settings, env)
     policy = policy or cfg.canary
@@ -74,7 +76,7 @@ def start_canary(cfg: DeployConfig, settings: MLflowSettings, env: str, version:
     if ab_split is not None:
         if not 0 < ab_split < 100:
             raise CanaryError(f"--ab takes the B share in percent, strictly between 0 and 100, got {ab_split}")
-        policy, mode = policy.model_copy(update={"steps": (ab_split,)}), "ab"
+        policy, mode = CanaryPolicy.model_validate({**policy.model_dump(), "steps": (ab_split,)}), "ab"
     out = prepare_release(cfg, settings, env, version, gguf, spec, docs, golden, actor, expected_sha256)
     with canary_lock(settings):
         if _precheck(ledger, settings, env) != stable:
@@ -102,15 +104,17 @@ def _precheck(ledger: CanaryLedger, settings: MLflowSettings, env: str) -> str:
 
 
 def analyze(cfg: DeployConfig, settings: MLflowSettings, env: str, canary: Sequence[Call], stable: Sequence[Call],
-            actor: str, now: datetime | None = None, expected: str | None = None) -> dict | None:
+            actor: str, now: datetime | None = None, expected: tuple[str, str] | None = None) -> dict | None:
     """One analysis of a progressing canary with the calls of its current step so far (each arm's, since
     `step_started_at`). Inside the window only a failure is acted on; when the window is over its verdict moves
     the rollout (Argo: abort / pause / next step / promote). Returns {"verdict", "action", "state"}, or None when
-    nothing was decided. `expected`: the canary id the calls were gathered for (a newer canary: do nothing)."""
+    nothing was decided. `expected`: (canary id, step start) the calls were gathered for; when the rollout has moved
+    on since (a newer canary, or another replica or a human moved the step), nothing is judged."""
     ledger = CanaryLedger(settings)
     with canary_lock(settings):
         state = ledger.state(env)
-        if state is None or state.status != "progressing" or (expected and expected != state.canary_id):
+        if state is None or state.status != "progressing" or \
+                (expected and expected != (state.canary_id, state.step_started_at)):
             return None
         current, _ = ReleaseLedger(settings).serving(env)
         if current != state.stable_release:
@@ -155,8 +159,9 @@ def _act(cfg: DeployConfig, settings: MLflowSettings, ledger: CanaryLedger, stat
 def _abort(cfg: DeployConfig, settings: MLflowSettings, ledger: CanaryLedger, state: CanaryState, actor: str,
            reason: str, verdict: Verdict | None = None) -> dict:
     ledger.write(state, "abort", actor, weight=0.0, reason=reason)
-    ReleaseLedger(settings).event(state.env, "failed", state.release_id, state.stable_release, actor,
-                                  f"canary {state.canary_id} aborted at {state.weight:g}%: {reason}")
+    with release_lock(settings):  # never between another command's `switching` and its switch
+        ReleaseLedger(settings).event(state.env, "failed", state.release_id, state.stable_release, actor,
+                                      f"canary {state.canary_id} aborted at {state.weight:g}%: {reason}")
     log.warning("canary %s aborted: %s; %s serves alone", state.canary_id, reason, state.stable_release)
     return {"verdict": verdict, "action": "abort", "state": ledger.state(state.env)}
 

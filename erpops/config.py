@@ -242,7 +242,7 @@ class CanaryPolicy(_Strict):
 
         erpops canary start --env staging --version 3     # steps, windows and bounds from here"""
 
-    steps: tuple[int, ...] = (10, 50, 100)
+    steps: tuple[float, ...] = (10, 50, 100)
     """Canary weights in percent, each held for one analysis window; after the last (100) the canary is promoted."""
     window_s: float = Field(300.0, gt=0)
     """How long each step is held before its window is judged."""

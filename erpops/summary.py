@@ -26,7 +26,8 @@ class StageRecord:
     outputs: dict[str, Any] = field(default_factory=dict)
     peak_rss_mb: float | None = None
     """Peak resident memory of this process while the stage ran (Linux: VmHWM, reset at the stage's start); or,
-    when a child process (a training launch, the GGUF converter) peaked higher during the stage, the child's."""
+    when a child process (a training launch, the GGUF converter) set a new high for any child during the stage and
+    it is higher, the child's. None where the peak cannot be reset (not Linux)."""
 
 
 @dataclass
@@ -48,7 +49,7 @@ class RunSummary:
         rec = self.stages[name]
         t0 = time.perf_counter()
         children_before = _children_peak_mb()
-        reset_peak_rss()
+        was_reset = reset_peak_rss()
         try:
             yield rec
         except BaseException as e:
@@ -59,7 +60,7 @@ class RunSummary:
                 rec.status = "ok"
         finally:
             rec.duration_s = round(time.perf_counter() - t0, 2)
-            own, children = peak_rss_mb(), _children_peak_mb()
+            own, children = peak_rss_mb() if was_reset else None, _children_peak_mb()
             child = children if children > children_before else None
             peaks = [p for p in (own, child) if p is not None]
             rec.peak_rss_mb = round(max(peaks), 1) if peaks else None

@@ -11,7 +11,8 @@ on-alert deployment of prefect.yaml: train-and-gate with the alert as its reason
 
 A webhook is accepted when it carries the shared secret (ERPOPS_ALERT_SECRET): as Alertmanager sends it, a bearer
 token; or signed, from any other sender, with `X-Erpops-Timestamp` (Unix seconds, within 5 minutes) and
-`X-Erpops-Signature: sha256=<HMAC-SHA256(secret, "<timestamp>." + body)>`, each signature accepted once. A forged
+`X-Erpops-Signature: sha256=<HMAC-SHA256(secret, "<timestamp>." + body)>`, each signature accepted once by a
+replica (a replay to another replica within the 5 minutes reaches the retrain window, which absorbs it). A forged
 one gets 401, a replayed or stale one 409; a flood is absorbed by the retrain window: at most one request per
 `retrain_window_s` (the others are recorded as rate-limited, with a log line), and the on-alert deployment's
 concurrency limit (1, CANCEL_NEW) never lets two retrains run at once.
@@ -75,7 +76,7 @@ def verify(headers: Mapping[str, str], body: bytes, secret: str | None, now: flo
             ts = int(h.get("x-erpops-timestamp", ""))
         except ValueError:
             raise WebhookRefused(401, "signed webhook without a valid X-Erpops-Timestamp") from None
-        if not hmac.compare_digest(h["x-erpops-signature"], sign(secret, ts, body)):
+        if not hmac.compare_digest(h["x-erpops-signature"].encode(), sign(secret, ts, body).encode()):
             raise WebhookRefused(401, "webhook signature does not match")
         if abs(now - ts) > MAX_SKEW_S:
             raise WebhookRefused(409, f"webhook timestamp is {now - ts:+.0f} s from now (limit {MAX_SKEW_S} s)")

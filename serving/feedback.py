@@ -132,8 +132,9 @@ def feedback_rows(traces: Sequence, since: datetime | None = None, version: str 
 
 
 def list_feedback(tracking_uri: str, experiment: str, since: datetime | None = None, version: str | None = None,
-                  verdict: str | None = None, limit: int = 1000) -> list[FeedbackRow]:
-    """The verdicts given on chat answers in the serving experiment, oldest first."""
+                  verdict: str | None = None, limit: int = 20_000) -> list[FeedbackRow]:
+    """The verdicts given on chat answers in the serving experiment, oldest first (among the newest `limit`
+    traces that match; a warning says when that bound was reached)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
@@ -146,6 +147,11 @@ def list_feedback(tracking_uri: str, experiment: str, since: datetime | None = N
         filters.append(f"tag.model_version = '{version.lstrip('v')}'")
     traces = mlflow.search_traces(locations=[found.experiment_id], filter_string=" AND ".join(filters) or None,
                                   max_results=limit, order_by=["timestamp_ms DESC"], return_type="list", flush=True)
+    if len(traces) >= limit:
+        import logging
+
+        logging.getLogger(__name__).warning("feedback: the newest %d traces were read; older verdicts are left out",
+                                            limit)
     return feedback_rows([t for t in traces if any(a.name == VERDICT for a in t.info.assessments)], since, version,
                          verdict)
 

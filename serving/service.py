@@ -213,7 +213,7 @@ class Service:
         from the canary ledger at scrape time."""
         for state in self.router.state():
             self.metrics.provider_up.labels(provider=state["provider"]).set(0 if state["cooling_down"] else 1)
-        canary = self.canaries.state(self.settings.env)
+        canary = self._canary_state()
         self.metrics.canary_weight.labels(env=self.settings.env).set(canary.weight if canary and canary.active else 0)
         return self.metrics.render()
 
@@ -226,10 +226,19 @@ class Service:
             self._releases[release_id] = ReleaseLedger(self.mlflow).release(release_id)
         return self._releases[release_id]
 
+    def _canary_state(self) -> CanaryState | None:
+        """The running canary, or None; a canary ledger that cannot be read routes everyone to the stable release."""
+        try:
+            return self.canaries.state(self.settings.env)
+        except Exception as e:
+            log.error("canary ledger unreadable (%s: %s): every conversation goes to the stable release",
+                      type(e).__name__, e)
+            return None
+
     def _route(self, ref: ModelRef, session: str) -> tuple[ModelRef, Arm | None]:
         """The ref that answers this conversation: the canary's release for its share of sessions (sticky: a
         hash of the session id) while a canary of the serving release runs, else the environment's own."""
-        state = self.canaries.state(self.settings.env)
+        state = self._canary_state()
         if state is None or not state.active or state.stable_release != ref.release_id:
             return ref, None
         if route(session, state.weight) == "stable":
@@ -260,7 +269,7 @@ class Service:
         since = state.step_started().timestamp()
         return analyze(self.deploy, self.mlflow, self.settings.env, self.calls.calls(state.canary_id, "canary", since),
                        self.calls.calls(state.canary_id, "stable", since), f"serve-api@{socket.gethostname()}",
-                       now=now, expected=state.canary_id)
+                       now=now, expected=(state.canary_id, state.step_started_at))
 
     def logged_questions(self, canary_id: str, limit: int = 100) -> list[str]:
         """The distinct questions of a canary's traffic (both arms), newest first, from the chat traces in MLflow."""
@@ -446,7 +455,17 @@ class Service:
         span = self.tracer.child(root, "retrieval", "RETRIEVER", {"query": req.message})
         collection = arm.collection if arm else None
         try:
-            sources, top = self.retriever.retrieve(req.message, collection)
+            try:
+                sources, top = self.retriever.retrieve(req.message, collection)
+            except Exception:
+                if arm is None or arm.name != "canary":
+                    raise
+                # the canary's knowledge base failed: counted against it, the stable release answers
+                log.warning("canary %s: retrieval from %s failed; the stable release answers", arm.canary_id,
+                            collection)
+                self._record(arm, req.message, None, 0.0)
+                ref, arm, collection = arm.stable, None, None
+                sources, top = self.retriever.retrieve(req.message)
         except Exception as e:
             self.tracer.end(span, error=type(e).__name__)
             self.tracer.end(root, error=type(e).__name__)
@@ -506,7 +525,10 @@ class Service:
             self._check_images(ref, req)
             gen = self.tracer.child(root, "generation", "LLM", {"messages": len(messages)}, {"tag": ref.tag})
             try:
+                asked = ref
                 reply, ref, arm = self._answer(ref, arm, req, messages)
+                if ref is not asked:  # the stable release answered for a failed canary: not the canary's answer
+                    key = None
             except Exception as e:
                 self.tracer.end(gen, error=type(e).__name__)
                 raise

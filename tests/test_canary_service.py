@@ -174,6 +174,14 @@ def test_an_ab_split_holds_its_weight_until_a_human_ends_it(world):
     assert out["action"] == "hold" and (out["state"].weight, out["state"].status) == (30, "progressing")
     state = promote_canary(w.cfg, w.mlflow, "staging", "tester", "B won")
     assert state.status == "promoted" and _serving(w)[0] == state.release_id != stable[0]
+    state = _start(w, ab_split=12.5)  # a fractional split is a valid weight, replayed like any other
+    assert (state.mode, state.weight, state.policy.steps) == ("ab", 12.5, (12.5,))
+    with pytest.raises(CanaryError, match="already has canary"):
+        _start(w, ab_split=20)
+    w.client.post("/api/v1/environments/staging/canary/abort", json={"reason": "done"}, headers=w.auth("admin"))
+    for bad in (0, 100, 150):
+        with pytest.raises(CanaryError, match="strictly between 0 and 100"):
+            _start(w, ab_split=bad)
 
 
 def test_a_canary_of_a_release_no_longer_serving_is_aborted(world):

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from service_world import served_world
@@ -160,6 +161,18 @@ def test_corrected_answers_land_as_one_checked_file_with_lineage(corpus):
 
     again = land_feedback(cfg, _corrections(corpus)[:2], "tester")
     assert again.file is None and {r.rule for r in again.rejected} == {"feedback.exported"}
+
+
+def test_a_relative_data_root_lands_the_rows_too(corpus, monkeypatch):
+    from conftest import data_cfg
+
+    from data_contracts.curation import land_feedback
+
+    corrections = _corrections(corpus)[:2]
+    monkeypatch.chdir(corpus.parent)  # data.root as recipes write it: relative to the checkout
+    landed = land_feedback(data_cfg(Path(corpus.name)), corrections, "tester")
+    assert [r["trace_id"][3] for r in landed.accepted] == ["a", "b"]
+    assert len(landed.file.read_text(encoding="utf-8").splitlines()) == 2
 
 
 def test_a_corpus_that_fails_its_contracts_gets_no_feedback(corpus):

@@ -314,3 +314,28 @@ def test_micro_batches_give_the_whole_batchs_gradient(tiny_model_dir, tokenizer)
     for a, b in zip(whole, split):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert any(float(g.abs().sum()) > 0 for g in whole)
+
+
+def test_training_in_micro_batches_takes_the_same_steps(tiny_model_dir, corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from conftest import data_cfg
+    from data_contracts.dataset import read_examples
+    from data_contracts.validate import validate_data
+    from training.lora import train_lora
+
+    data = validate_data(data_cfg(corpus), tmp_path / "data")
+    examples = read_examples(data.train_path)
+
+    def run(micro, name):
+        recipe = Recipe.model_validate({"name": "t", "model": {"source": "tiny"}, "lora": {"dropout": 0.0},
+                                        "train": {"max_steps": 3, "batch_size": 4, "precision": "fp32",
+                                                  "micro_batch_tokens": micro, "checkpoint_every": 0}})
+        result = train_lora(recipe, tiny_model_dir, examples, tmp_path / name, Runtime("cpu", "float32"))
+        return result, load_file(str(next(result.adapter_dir.rglob("adapter_model.safetensors"))))
+
+    (whole, w_weights), (micro, m_weights) = run(None, "whole"), run(32, "micro")
+    assert abs(whole.first_loss - micro.first_loss) < 1e-5 and abs(whole.final_loss - micro.final_loss) < 1e-4
+    assert w_weights.keys() == m_weights.keys()
+    for k in w_weights:
+        torch.testing.assert_close(w_weights[k], m_weights[k], rtol=1e-4, atol=1e-6)

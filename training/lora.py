@@ -273,6 +273,8 @@ def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, trac
         # [assistant tokens, all real tokens, summed loss] over every rank, in one collective
         totals = distributed.all_sum(dist, torch.tensor([n_labelled, sum(len(e.input_ids) for e in mine),
                                                          loss_total], dtype=torch.float64))
+        if totals[0].item() == 0:
+            raise FloatingPointError(f"step {step}: the batch has no assistant tokens to learn from")
         scale_grads(trainable, 1.0 / totals[0].item())  # the global per-token mean once gradients are summed
         distributed.all_sum_grads(dist, trainable)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
