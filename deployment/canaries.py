@@ -20,6 +20,7 @@ from pathlib import Path
 
 from deployment.releases import utc_now
 from erpops.config import CanaryPolicy, MLflowSettings
+from registry.ledger import append_only
 
 TABLE = "erpops_canary_events"
 ACTIONS = ("start", "analysis", "step", "pause", "abort", "promote")
@@ -43,10 +44,7 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     reason         TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS {TABLE}_env ON {TABLE} (model, env, id);
-CREATE TRIGGER IF NOT EXISTS {TABLE}_no_update BEFORE UPDATE ON {TABLE}
-BEGIN SELECT RAISE(ABORT, '{TABLE} is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS {TABLE}_no_delete BEFORE DELETE ON {TABLE}
-BEGIN SELECT RAISE(ABORT, '{TABLE} is append-only'); END;
+{append_only(TABLE)}
 """
 
 

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from erpops.config import MLflowSettings
+from registry.ledger import append_only
 
 RELEASES = "erpops_releases"
 EVENTS = "erpops_release_events"
@@ -61,14 +62,7 @@ CREATE TABLE IF NOT EXISTS {EVENTS} (
     reason       TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS {EVENTS}_env ON {EVENTS} (model, env, id);
-CREATE TRIGGER IF NOT EXISTS {RELEASES}_no_update BEFORE UPDATE ON {RELEASES}
-BEGIN SELECT RAISE(ABORT, '{RELEASES} is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS {RELEASES}_no_delete BEFORE DELETE ON {RELEASES}
-BEGIN SELECT RAISE(ABORT, '{RELEASES} is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS {EVENTS}_no_update BEFORE UPDATE ON {EVENTS}
-BEGIN SELECT RAISE(ABORT, '{EVENTS} is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS {EVENTS}_no_delete BEFORE DELETE ON {EVENTS}
-BEGIN SELECT RAISE(ABORT, '{EVENTS} is append-only'); END;
+{append_only(RELEASES, EVENTS)}
 """
 
 

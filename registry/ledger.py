@@ -36,6 +36,17 @@ LOCAL_LEDGER = Path(".erpops/ledger.db")
 ACTIONS = ("register", "promote", "force-promote", "rollback", "restore")
 PROMOTIONS = ("promote", "force-promote")
 
+
+
+def append_only(*tables: str) -> str:
+    """SQL for triggers that refuse UPDATE and DELETE on each table: the ledgers' and the audit logs' guarantee."""
+    return "".join(f"""
+CREATE TRIGGER IF NOT EXISTS {t}_no_update BEFORE UPDATE ON {t}
+BEGIN SELECT RAISE(ABORT, '{t} is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS {t}_no_delete BEFORE DELETE ON {t}
+BEGIN SELECT RAISE(ABORT, '{t} is append-only'); END;""" for t in tables)
+
+
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -51,10 +62,7 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     run_id       TEXT
 );
 CREATE INDEX IF NOT EXISTS {TABLE}_model_alias ON {TABLE} (model, alias, id);
-CREATE TRIGGER IF NOT EXISTS {TABLE}_no_update BEFORE UPDATE ON {TABLE}
-BEGIN SELECT RAISE(ABORT, '{TABLE} is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS {TABLE}_no_delete BEFORE DELETE ON {TABLE}
-BEGIN SELECT RAISE(ABORT, '{TABLE} is append-only'); END;
+{append_only(TABLE)}
 """
 
 _COLUMNS = ("at", "model", "alias", "from_version", "to_version", "action", "actor", "reason", "gate_verdict", "run_id")

@@ -30,6 +30,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
+from registry.ledger import append_only
+
 log = logging.getLogger(__name__)
 
 MAX_SKEW_S = 300
@@ -113,11 +115,7 @@ class RetrainWindow:
         with self._connect() as conn:
             conn.executescript(f"""
                 CREATE TABLE IF NOT EXISTS {self.TABLE} (id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL,
-                    outcome TEXT NOT NULL, reason TEXT NOT NULL);
-                CREATE TRIGGER IF NOT EXISTS {self.TABLE}_no_update BEFORE UPDATE ON {self.TABLE}
-                BEGIN SELECT RAISE(ABORT, '{self.TABLE} is append-only'); END;
-                CREATE TRIGGER IF NOT EXISTS {self.TABLE}_no_delete BEFORE DELETE ON {self.TABLE}
-                BEGIN SELECT RAISE(ABORT, '{self.TABLE} is append-only'); END;""")
+                    outcome TEXT NOT NULL, reason TEXT NOT NULL);{append_only(self.TABLE)}""")
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30, isolation_level=None)

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from registry.ledger import append_only
+
 ROLES = ("viewer", "operator", "admin")
 """Lowest to highest; each role may do everything the ones before it may."""
 
@@ -46,10 +48,7 @@ CREATE TABLE IF NOT EXISTS erpops_audit (
     status  INTEGER NOT NULL,              -- HTTP status answered
     outcome TEXT NOT NULL DEFAULT ''
 );
-CREATE TRIGGER IF NOT EXISTS erpops_audit_no_update BEFORE UPDATE ON erpops_audit
-BEGIN SELECT RAISE(ABORT, 'erpops_audit is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS erpops_audit_no_delete BEFORE DELETE ON erpops_audit
-BEGIN SELECT RAISE(ABORT, 'erpops_audit is append-only'); END;
+{append_only("erpops_audit")}
 """
 
 
