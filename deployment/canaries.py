@@ -170,6 +170,12 @@ class CanaryLedger:
     def state(self, env: str) -> CanaryState | None:
         return canary_state(self.events(env), env)
 
+    def latest(self, env: str) -> tuple[CanaryState | None, list[CanaryEvent]]:
+        """The environment's newest canary and its own events (`erpops canary status`, the API)."""
+        events = self.events(env)
+        state = canary_state(events, env)
+        return state, [e for e in events if state and e.canary_id == state.canary_id]
+
     def write(self, state_or_start: CanaryState | dict, action: str, actor: str, *, step: int | None = None,
               weight: float | None = None, outcome: str = "", figures: dict | None = None,
               reason: str = "") -> CanaryEvent:

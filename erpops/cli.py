@@ -444,13 +444,11 @@ def canary_status(env: Optional[str] = EnvOpt, recipe: str = RecipeOpt, mlflow_c
     setup_process()
     r = _load(recipe)
     env = _canary_env(r, env)
-    from deployment.canaries import CanaryLedger, canary_state, format_canary
+    from deployment.canaries import CanaryLedger, format_canary
 
-    events = CanaryLedger(_settings(mlflow_config)).events(env)
-    state = canary_state(events, env)
+    state, events = CanaryLedger(_settings(mlflow_config)).latest(env)
     if as_json:
-        typer.echo(json.dumps({"canary": state.to_dict() if state else None,
-                               "events": [e.to_dict() for e in events if state and e.canary_id == state.canary_id]},
+        typer.echo(json.dumps({"canary": state.to_dict() if state else None, "events": [e.to_dict() for e in events]},
                               indent=2, ensure_ascii=False))
         return
     typer.echo(format_canary(state, events))

@@ -423,13 +423,9 @@ def create_app(service: Service) -> FastAPI:
     @app.get(f"{API}/environments/{{env}}/canary", tags=["releases"], responses=ERRORS)
     def canary(env: str, _: Principal = viewer) -> dict:
         """The environment's newest canary (or A/B test): status, weight, step, policy, and its events."""
-        from deployment.canaries import canary_state
-
         env_guard(env)
-        events = service.canaries.events(env)
-        state = canary_state(events, env)
-        return {"env": env, "canary": state.to_dict() if state else None,
-                "events": [e.to_dict() for e in events if state and e.canary_id == state.canary_id]}
+        state, events = service.canaries.latest(env)
+        return {"env": env, "canary": state.to_dict() if state else None, "events": [e.to_dict() for e in events]}
 
     @app.post(f"{API}/environments/{{env}}/canary/promote", tags=["releases"], responses=ERRORS)
     def canary_promote(env: str, body: CanaryPromoteRequest, request: Request, who: Principal = admin) -> dict:
