@@ -5,6 +5,7 @@ is timed against a goal (bench/ does that)."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +20,7 @@ SESSIONS, TURNS = 16, 8
 
 
 @pytest.mark.skipif(not redis_up(), reason="no Redis on 127.0.0.1:6379")
-def test_two_replicas_under_concurrent_sessions(tmp_path):
+def test_two_replicas_under_concurrent_sessions(tmp_path, caplog):
     import httpx
 
     from serving.app import create_app
@@ -31,6 +32,7 @@ def test_two_replicas_under_concurrent_sessions(tmp_path):
         with live_server(world.app) as url_a, live_server(create_app(replica)) as url_b:
             headers = world.auth("viewer")
             run = f"load-{uuid.uuid4().hex[:12]}"  # Redis outlives the test: sessions of no earlier run
+            failures: list[tuple[str, int, str]] = []
 
             def session(n: int) -> list[int]:
                 statuses = []
@@ -40,12 +42,16 @@ def test_two_replicas_under_concurrent_sessions(tmp_path):
                         r = http.post(f"{url}/api/v1/chat", json={"message": f"stock transfer {n}-{turn}?",
                                                                   "session_id": f"{run}-{n}"})
                         statuses.append(r.status_code)
+                        if r.status_code != 200:
+                            failures.append((url, r.status_code, r.text[:500]))
                 return statuses
 
             try:
                 with ThreadPoolExecutor(8) as pool:
                     statuses = [s for out in pool.map(session, range(SESSIONS)) for s in out]
-                assert statuses == [200] * SESSIONS * TURNS
+                errors = [r.getMessage() + "\n" + (logging.Formatter().formatException(r.exc_info) if r.exc_info else "")
+                          for r in caplog.records if r.levelno >= logging.ERROR]  # the service log of a 500
+                assert statuses == [200] * SESSIONS * TURNS, (failures, errors)
                 for n in range(SESSIONS):
                     kept = world.service.context.history(f"{run}-{n}")
                     assert [m["content"] for m in kept if m["role"] == "user"] == [

@@ -155,25 +155,43 @@ def test_up_deploy_trigger_exit_codes_then_down(tmp_path):
         assert current and ledger.release(current).model_version == "1"
 
         # an alert asks for a retrain (the chat service's receiver emits erpops.retrain.requested): on-alert's
-        # trigger starts train-and-gate with the alert as its reason; a second request while it runs is cancelled
+        # trigger starts train-and-gate with the alert as its reason; a second request while it runs is cancelled.
+        # The first retrain (a changed recipe: it trains, and its gate rejects) is held at its registration by the
+        # registry lock this test takes, so it is surely running when the second request comes.
         from erpops.orchestration import emit, retrain_event
+        from registry.promote import registry_lock
 
+        alert_recipe = tmp_path / "tiny-alert.yaml"
+        alert_recipe.write_text(recipe.replace("max_steps: 8", "max_steps: 9").replace("min_rouge_l: 0.0", "min_rouge_l: 1.0"))
         reason = "alert: ErpopsWrongLanguage (env=staging version=1): 40% of answers in the wrong language"
-        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
-            for _ in range(2):
-                assert emit(retrain_event("staging", reason, [reason], str(tmp_path / "tiny.yaml"),
-                                          str(tmp_path / "mlflow.yaml")))
-            with get_client(sync_client=True) as client:
-                on_alert = client.read_deployment_by_name("train-and-gate/on-alert").id
-                deadline, runs = time.time() + 300, []
-                while time.time() < deadline:
-                    runs = [r for r in client.read_flow_runs() if r.deployment_id == on_alert]
-                    if len(runs) == 2 and all(r.state and r.state.is_final() for r in runs):
-                        break
-                    time.sleep(2)
-                assert sorted(r.state.type.value for r in runs) == ["CANCELLED", "COMPLETED"], \
-                    [(r.name, r.state and r.state.type.value, r.state and r.state.message) for r in runs]
-                assert {r.parameters["reason"] for r in runs} == {reason}
+
+        def alert_runs(client) -> list:
+            on_alert = client.read_deployment_by_name("train-and-gate/on-alert").id
+            return sorted((r for r in client.read_flow_runs() if r.deployment_id == on_alert), key=lambda r: r.created)
+
+        def wait_runs(client, done, what: str) -> list:
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                runs = alert_runs(client)
+                if done(runs):
+                    return runs
+                time.sleep(1)
+            raise AssertionError(f"{what}: {[(r.name, r.state and r.state.type.value, r.state and r.state.message) for r in alert_runs(client)]}")
+
+        def request() -> None:
+            assert emit(retrain_event("staging", reason, [reason], str(alert_recipe), str(tmp_path / "mlflow.yaml")))
+
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+            with registry_lock(MLflowSettings(tracking_uri=env["MLFLOW_TRACKING_URI"])):
+                request()
+                wait_runs(client, lambda rs: len(rs) == 1 and rs[0].state.type.value == "RUNNING", "no retrain running")
+                request()
+                runs = wait_runs(client, lambda rs: len(rs) == 2 and rs[1].state.is_final(), "the second request stayed")
+                assert runs[1].state.type.value == "CANCELLED", runs[1].state
+                assert runs[0].state.type.value == "RUNNING"
+            runs = wait_runs(client, lambda rs: rs[0].state.is_final(), "the first retrain did not finish")
+            assert [r.state.type.value for r in runs] == ["COMPLETED", "CANCELLED"], [r.state for r in runs]
+            assert {r.parameters["reason"] for r in runs} == {reason}
 
         # the train stage on the second pool: train-and-gate calls the train-gpu deployment and gets the adapter
         # back through the MLflow run; a changed recipe section (train.deployment) means a new training
