@@ -36,18 +36,21 @@ def response_nll(model, tokenizer, examples: list[dict], runtime: Runtime, batch
     from training.lora import labelled_logits
 
     model.eval()
-    nll, counts = [], []
     encoded = [encode_example(tokenizer, e["messages"]) for e in examples]
+    # batches of similar length pad less (a third less time on the eval split); results keep the input order
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    nll, counts = [0.0] * len(encoded), [0] * len(encoded)
     with torch.no_grad():
-        for i in range(0, len(encoded), batch_size):
-            batch = {k: v.to(runtime.device) for k, v in pad_batch(encoded[i:i + batch_size], tokenizer.pad_token_id).items()}
+        for i in range(0, len(order), batch_size):
+            members = order[i:i + batch_size]
+            batch = {k: v.to(runtime.device) for k, v in pad_batch([encoded[j] for j in members], tokenizer.pad_token_id).items()}
             with torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast):
                 logits, targets, keep = labelled_logits(model, **batch)
             token_nll = F.cross_entropy(logits, targets, reduction="none")
             rows = keep.nonzero()[:, 0]
             per_example = torch.zeros(keep.shape[0], device=token_nll.device).index_add_(0, rows, token_nll)
-            nll += per_example.tolist()
-            counts += keep.sum(dim=1).tolist()
+            for j, value, count in zip(members, per_example.tolist(), keep.sum(dim=1).tolist()):
+                nll[j], counts[j] = value, count
     return NLL(nll, counts)
 
 

@@ -292,3 +292,72 @@ def test_sparsegpt_hits_the_sparsity_and_reconstructs_better_than_magnitude(tiny
         err = {name: sum(float((m(input_ids=ids).logits - d).pow(2).mean()) for ids, d in zip(calib, dense))
                for name, m in (("sparsegpt", by_sparsegpt), ("magnitude", by_magnitude))}
     assert err["sparsegpt"] < err["magnitude"], err
+
+
+def _sparsegpt_loop(W, Hinv, amount: float, block: int):
+    """SparseGPT as the paper's reference code writes it: the OBS update column by column."""
+    import torch
+
+    W = W.clone()
+    for i1 in range(0, W.shape[1], block):
+        i2 = min(i1 + block, W.shape[1])
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        score = W1 ** 2 / torch.diag(Hinv1).reshape(1, -1) ** 2
+        mask = torch.zeros_like(W1, dtype=torch.bool)
+        mask.view(-1)[torch.topk(score.flatten(), int(score.numel() * amount), largest=False).indices] = True
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]
+            q = w.clone()
+            q[mask[:, i]] = 0
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W
+
+
+@pytest.mark.parametrize("rows,cols,block", [(48, 40, 16), (300, 96, 32), (20, 70, 128)])
+def test_sparsegpt_weights_match_the_reference_loop(rows, cols, block):
+    import torch
+
+    from training.optimize import _damped_inverse, sparsegpt_weights
+
+    g = torch.Generator().manual_seed(rows)
+    X = torch.randn(4 * cols, cols, generator=g, dtype=torch.float64) @ torch.randn(cols, cols, generator=g, dtype=torch.float64)
+    X[:, 3] = 0  # a dead input feature
+    H = X.T @ X
+    W = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    Hinv, dead = _damped_inverse(H, 0.01)
+    W[:, dead] = 0
+    expected = _sparsegpt_loop(W, Hinv, 0.3, block)
+    got = sparsegpt_weights(W.clone(), Hinv, dead, 0.3, block)
+    assert torch.equal(got == 0, expected == 0)  # the same weights pruned
+    assert abs(float((got == 0).double().mean()) - 0.3) < 0.01
+    assert torch.allclose(got, expected, rtol=1e-9, atol=1e-9), float((got - expected).abs().max())
+
+
+def test_calibrated_prune_shares_one_statistic_between_linears_of_one_input(tiny, tiny_model_dir):
+    """q, k and v read the same normed hidden states: one H for the three (not three equal ones)."""
+    from transformers import AutoTokenizer
+
+    from training.optimize import _calibrated_prune, calibration_inputs
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    calib = calibration_inputs(tok, [{"messages": [{"role": "user", "content": "재고 이동 절차는?"},
+                                                   {"role": "assistant", "content": "Use MIGO with movement 311."}]}] * 2, 64)
+    seen: dict[str, object] = {}
+
+    def record(m, H):
+        seen[names[id(m)]] = H
+
+    model = copy.deepcopy(tiny)
+    names = {id(m): n for n, m in model.named_modules()}
+    _calibrated_prune(model, calib, "hessian", record)
+    layer = "model.layers.0."
+    assert seen[layer + "self_attn.q_proj"] is seen[layer + "self_attn.k_proj"] is seen[layer + "self_attn.v_proj"]
+    assert seen[layer + "mlp.gate_proj"] is seen[layer + "mlp.up_proj"]
+    assert seen[layer + "self_attn.o_proj"] is not seen[layer + "self_attn.q_proj"]
+    assert seen[layer + "mlp.down_proj"] is not seen[layer + "mlp.gate_proj"]

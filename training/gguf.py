@@ -84,25 +84,35 @@ def shared_gguf_reader():
         gguf.GGUFReader = original
 
 
-def top_token_agreement(model_a, model_b, tokenizer, prompts: list[str]) -> float:
-    """Share of positions (over all prompts) where both models predict the same next token."""
+@contextlib.contextmanager
+def _no_clock(phase: str):
+    yield
+
+
+def top_tokens(model, tokenizer, prompts: list[str]) -> list:
+    """The model's next-token prediction at every position of each prompt."""
     import torch
 
-    same = total = 0
     with torch.no_grad():
-        for p in prompts:
-            ids = tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
-            a = model_a(input_ids=ids.to(model_a.device)).logits.argmax(-1).cpu()
-            b = model_b(input_ids=ids.to(model_b.device)).logits.argmax(-1).cpu()
-            same += int((a == b).sum())
-            total += a.numel()
+        return [model(input_ids=tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device))
+                .logits.argmax(-1).cpu() for p in prompts]
+
+
+def top_token_agreement(reference: list, model, tokenizer, prompts: list[str]) -> float:
+    """Share of positions (over all prompts) where `model` predicts the same next token as `reference`
+    (top_tokens of the model it was made from)."""
+    same = total = 0
+    for ref, ours in zip(reference, top_tokens(model, tokenizer, prompts)):
+        same += int((ref == ours).sum())
+        total += ref.numel()
     return same / max(1, total)
 
 
 def export_and_verify(hf_model, tokenizer, hf_dir: Path, out_dir: Path, kinds: list[str], prompts: list[str],
                       min_agreement: dict[str, float], eval_examples: list[dict] | None = None,
-                      runtime=None) -> dict[str, GGUFExport]:
-    """Convert `hf_dir` to each GGUF kind and check every file; failures are marked, not raised."""
+                      runtime=None, clock=None) -> dict[str, GGUFExport]:
+    """Convert `hf_dir` to each GGUF kind and check every file; failures are marked, not raised. `clock`
+    (training.optimize.PhaseClock) times each kind's conversion, read-back and checks."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,16 +121,22 @@ def export_and_verify(hf_model, tokenizer, hf_dir: Path, out_dir: Path, kinds: l
 
     out_dir.mkdir(parents=True, exist_ok=True)
     exports = {}
+    clock = clock if clock is not None else _no_clock
+    with clock("gguf_reference_tokens"):  # the source model's predictions, once for every kind
+        reference = top_tokens(hf_model, tokenizer, prompts)
     for kind in kinds:
-        path = convert(hf_dir, out_dir / f"model-{kind}.gguf", kind)
-        with shared_gguf_reader():
+        with clock(f"gguf_convert_{kind}"):
+            path = convert(hf_dir, out_dir / f"model-{kind}.gguf", kind)
+        with clock(f"gguf_load_{kind}"), shared_gguf_reader():
             back = AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=path.name, dtype=torch.float32)
             back_tok = AutoTokenizer.from_pretrained(out_dir, gguf_file=path.name)
-        agreement = top_token_agreement(hf_model, back, tokenizer, prompts)
-        tok_match = all(tokenizer(p, add_special_tokens=False)["input_ids"] == back_tok(p, add_special_tokens=False)["input_ids"]
-                        for p in prompts)
+        with clock(f"gguf_agreement_{kind}"):
+            agreement = top_token_agreement(reference, back, tokenizer, prompts)
+            tok_match = all(tokenizer(p, add_special_tokens=False)["input_ids"] == back_tok(p, add_special_tokens=False)["input_ids"]
+                            for p in prompts)
         runtime = runtime or Runtime("cpu", "float32")
-        ppl = response_nll(back.to(runtime.device), tokenizer, eval_examples, runtime).perplexity if eval_examples else None
+        with clock(f"gguf_perplexity_{kind}"):
+            ppl = response_nll(back.to(runtime.device), tokenizer, eval_examples, runtime).perplexity if eval_examples else None
         floor = min_agreement.get(kind, 0.0)
         problem = "" if agreement >= floor and tok_match else (
             f"{path.name}: top-token agreement {agreement:.3f} (floor {floor}), tokenizer ids "

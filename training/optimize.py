@@ -9,6 +9,7 @@ response perplexity on held-out examples, and sizes are what the files take on d
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import tempfile
@@ -63,6 +64,8 @@ class OptimizeResult:
     shipped: str = ""
     """The GGUF kind that ships (the recipe's, or f16 after a fallback)."""
     ship_reason: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall seconds per phase of the stage (merge, prune, int8, gguf_convert_q8_0, ...), in the order run."""
 
     def table(self) -> str:
         def cell(v, fmt):
@@ -72,6 +75,18 @@ class OptimizeResult:
         rows += [f"{v.name:<24}{cell(v.perplexity, '.2f'):>9}{cell(v.ppl_ratio, '.3f'):>8}{v.size_mb:>10.1f}"
                  f"{v.sparsity:>10.3f}{cell(v.tokens_per_s, '.1f'):>9}{cell(v.memory_mb, '.0f'):>9}" for v in self.variants]
         return "\n".join(rows)
+
+
+class PhaseClock(dict):
+    """Wall seconds per named phase; `with clock("prune"):` adds the block's time to that phase."""
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[phase] = round(self.get(phase, 0.0) + time.perf_counter() - t0, 3)
 
 
 @dataclass(frozen=True)
@@ -157,7 +172,7 @@ def calibration_inputs(tokenizer, examples: list[dict], max_tokens: int) -> list
     return [torch.tensor([encode_example(tokenizer, e["messages"]).input_ids[:max_tokens]]) for e in examples]
 
 
-def wanda_prune(model, amount: float, calibration: list) -> dict[str, float]:
+def wanda_prune(model, amount: float, calibration: list, runtime: Runtime | None = None) -> dict[str, float]:
     """Wanda (Sun et al., 2024): in each output row of each decoder Linear, zero the `amount` share of
     weights with the smallest |W_ij| * ||X_j||, where ||X_j|| is the L2 norm of input feature j over the
     calibration tokens. Returns the achieved sparsity per layer."""
@@ -169,55 +184,76 @@ def wanda_prune(model, amount: float, calibration: list) -> dict[str, float]:
         if k:
             m.weight.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, 0.0)
 
-    return _calibrated_prune(model, calibration, "norms", prune_linear)
+    return _calibrated_prune(model, calibration, "norms", prune_linear, runtime)
 
 
-def sparsegpt_prune(model, amount: float, calibration: list, block: int = 128, damp: float = 0.01) -> dict[str, float]:
+def sparsegpt_prune(model, amount: float, calibration: list, block: int = 128, damp: float = 0.01,
+                    runtime: Runtime | None = None) -> dict[str, float]:
     """SparseGPT (Frantar & Alistarh, 2023): prune with the inverse Hessian H = X^T X of each Linear's
     calibration inputs, and update the weights not pruned to make up for the ones that were (optimal
     brain surgeon, column by column; the mask is chosen per block of `block` columns by w^2 / [H^-1]_jj^2).
     Returns the achieved sparsity per layer."""
-    import torch
+    inverses: dict[int, tuple] = {}
 
     def prune_linear(m, H):
-        W = m.weight.data.double()
-        H = H.clone()
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
-        W[:, dead] = 0
-        H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-        for i1 in range(0, W.shape[1], block):
-            i2 = min(i1 + block, W.shape[1])
-            W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-            Err1 = torch.zeros_like(W1)
-            score = W1 ** 2 / torch.diag(Hinv1).reshape(1, -1) ** 2
-            k = int(score.numel() * amount)
-            mask = torch.zeros_like(W1, dtype=torch.bool)
-            if k:
-                mask.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
-            for i in range(i2 - i1):
-                w, d = W1[:, i], Hinv1[i, i]
-                q = w.clone()
-                q[mask[:, i]] = 0
-                err = (w - q) / d
-                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-                W1[:, i] = q
-                Err1[:, i] = err
-            W[:, i1:i2] = W1
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-        m.weight.data.copy_(W.to(m.weight.dtype))
+        if id(H) not in inverses:  # q, k and v (gate and up) share one H object: it is factored once
+            inverses.clear()  # (H is kept in the entry, so its id is not reused while the entry lives)
+            inverses[id(H)] = (H, *_damped_inverse(H, damp))
+        _, Hinv, dead = inverses[id(H)]
+        m.weight.data.copy_(sparsegpt_weights(m.weight.data.double(), Hinv, dead, amount, block).to(m.weight.dtype))
 
-    return _calibrated_prune(model, calibration, "hessian", prune_linear)
+    return _calibrated_prune(model, calibration, "hessian", prune_linear, runtime)
 
 
-def _calibrated_prune(model, calibration: list, stat: str, prune_linear) -> dict[str, float]:
+def sparsegpt_weights(W, Hinv, dead, amount: float, block: int = 128):
+    """One Linear's weights (float64, changed in place and returned) pruned by SparseGPT, given the upper
+    Cholesky factor of its damped inverse Hessian and its dead input features (_damped_inverse)."""
+    import torch
+
+    W[:, dead] = 0
+    for i1 in range(0, W.shape[1], block):
+        i2 = min(i1 + block, W.shape[1])
+        U = Hinv[i1:i2, i1:i2]
+        score = W[:, i1:i2] ** 2 / torch.diag(U).reshape(1, -1) ** 2
+        k = int(score.numel() * amount)
+        mask = torch.zeros_like(score, dtype=torch.bool)
+        if k:
+            mask.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
+        # transposed, so that a column of the block is a contiguous row
+        W1t = W[:, i1:i2].T.contiguous()
+        scale = (mask.to(W.dtype) / torch.diag(U).reshape(1, -1)).T.contiguous()  # err = w / [H^-1]_ii where pruned
+        errs = torch.empty_like(W1t)  # row i: column i's error
+        for i in range(i2 - i1):  # the optimal brain surgeon update, column by column: two ops a column
+            torch.mul(W1t[i], scale[i], out=errs[i])
+            W1t[i:].addr_(U[i, i:], errs[i], alpha=-1)
+        W1t[mask.T] = 0  # exact zeros (the update leaves the pruned weights at rounding error)
+        W[:, i1:i2] = W1t.T
+        W[:, i2:] -= errs.T @ Hinv[i1:i2, i2:]
+    return W
+
+
+def _damped_inverse(H, damp: float):
+    """(the upper Cholesky factor of the damped H^-1, the input features never seen: H_jj = 0)."""
+    import torch
+
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
+
+
+def _calibrated_prune(model, calibration: list, stat: str, prune_linear, runtime: Runtime | None = None) -> dict[str, float]:
     """Prune decoder blocks one after another, as Wanda and SparseGPT do: each block's Linear layers are
     pruned from statistics of their inputs (`norms`: per-feature sum of squares; `hessian`: X^T X), and
-    those inputs come from the blocks before it, already pruned."""
+    those inputs come from the blocks before it, already pruned. With a bf16 `runtime` the blocks run under
+    its autocast (the statistics are still summed from fp32 products)."""
     import torch
 
     layers = _decoder_layers(model)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model  # the LM head is not needed
+    compute = (torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast) if runtime
+               else contextlib.nullcontext())
     captured: list[list] = [[] for _ in layers]  # per layer: (args, kwargs) of each calibration sequence
 
     def capture(i):
@@ -231,9 +267,9 @@ def _calibrated_prune(model, calibration: list, stat: str, prune_linear) -> dict
     handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), compute:
             for ids in calibration:
-                model(input_ids=ids.to(model.device), use_cache=False)
+                decoder(input_ids=ids.to(model.device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -248,21 +284,34 @@ def _calibrated_prune(model, calibration: list, stat: str, prune_linear) -> dict
                              else torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device))
                      for m in linears}
 
+            leader: dict[int, int] = {}  # q, k and v (gate and up) read one tensor: one statistic for all of them
+            last: list = [None, None]  # (the input the previous Linear read, that Linear's id)
+
             def accumulate(module, args):
-                x = args[0].detach().reshape(-1, module.in_features).double()
-                stats[id(module)] += x.pow(2).sum(0) if stat == "norms" else x.T @ x
+                if args[0] is last[0]:
+                    leader.setdefault(id(module), last[1])
+                    return
+                last[:] = [args[0], id(module)]
+                x = args[0].detach().reshape(-1, module.in_features).float()
+                with torch.autocast(x.device.type, enabled=False):  # fp32 products, as SparseGPT's code; fp64 sums
+                    stats[id(module)] += (x.pow(2).sum(0) if stat == "norms" else x.T @ x).double()
 
             hs = [m.register_forward_pre_hook(accumulate) for m in linears]
             try:
-                for h, (args, kwargs) in zip(hidden, captured[i]):
-                    _run_layer(layer, h, args, kwargs)
+                with compute:
+                    for h, (args, kwargs) in zip(hidden, captured[i]):
+                        _run_layer(layer, h, args, kwargs)
             finally:
                 for h in hs:
                     h.remove()
+                last.clear()
+            for follower, first in leader.items():
+                stats[follower] = stats[first]
             for m in linears:
                 prune_linear(m, stats[id(m)])
                 sparsity[names[id(m)]] = float((m.weight == 0).float().mean())
-            hidden = [_run_layer(layer, h, args, kwargs) for h, (args, kwargs) in zip(hidden, captured[i])]
+            with compute:
+                hidden = [_run_layer(layer, h, args, kwargs) for h, (args, kwargs) in zip(hidden, captured[i])]
     return sparsity
 
 
@@ -284,13 +333,18 @@ def _run_layer(layer, hidden, args, kwargs):
     return out[0] if isinstance(out, tuple) else out
 
 
-def prune(model, method: str, amount: float, calibration: list | None = None) -> dict[str, float]:
+def prune(model, method: str, amount: float, calibration: list | None = None,
+          runtime: Runtime | None = None) -> dict[str, float]:
+    """Prune `amount` of each decoder Linear's weights in place; wanda and sparsegpt calibrate on `calibration`
+    (token id tensors), running the blocks under `runtime`'s autocast when given. Returns the sparsity per layer."""
     if method == "magnitude":
         return magnitude_prune(model, amount)
     if method in ("wanda", "sparsegpt"):
         if not calibration:
             raise ValueError(f"{method} pruning needs calibration examples from the training split")
-        return (wanda_prune if method == "wanda" else sparsegpt_prune)(model, amount, calibration)
+        if method == "wanda":
+            return wanda_prune(model, amount, calibration, runtime)
+        return sparsegpt_prune(model, amount, calibration, runtime=runtime)
     raise ValueError(f"unknown pruning method {method!r}")
 
 
@@ -456,11 +510,15 @@ def _nbytes(t) -> int:
 
 
 def measure_variant(name: str, model, tokenizer, eval_examples: list[dict], speed_examples: list[dict], runtime: Runtime,
-                    started: float, reference_ppl: float | None = None, sparsity: float | None = None) -> Variant:
+                    started: float, reference_ppl: float | None = None, sparsity: float | None = None,
+                    clock: PhaseClock | None = None) -> Variant:
     """Score one variant the way every variant is scored: response perplexity on `eval_examples` (and its ratio
     to `reference_ppl`), size on disk, sparsity, and greedy tokens/s and memory on `speed_examples`."""
-    ppl = response_nll(model, tokenizer, eval_examples, runtime).perplexity
-    tps, mem = measure_speed(model, tokenizer, speed_examples, runtime) if speed_examples else (None, None)
+    clock = clock if clock is not None else PhaseClock()
+    with clock(f"perplexity_{name}"):
+        ppl = response_nll(model, tokenizer, eval_examples, runtime).perplexity
+    with clock(f"speed_{name}"):
+        tps, mem = measure_speed(model, tokenizer, speed_examples, runtime) if speed_examples else (None, None)
     v = Variant(name, ppl, saved_size_mb(model), overall_sparsity(model) if sparsity is None else sparsity,
                 time.perf_counter() - started, tps, mem, ppl / reference_ppl if reference_ppl else 1.0)
     log.info("%s: perplexity %.3f (%.3fx), %.1f MB, %s tok/s", name, ppl, v.ppl_ratio, v.size_mb,
@@ -480,11 +538,15 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
     speed_examples = eval_examples[: cfg.speed_prompts]
     (out_dir / "optimize.json").unlink(missing_ok=True)  # a stale decision must not outlive a failed rerun
 
+    clock = PhaseClock()
+
     def measured(name: str, model, t0: float, reference: float | None, sparsity: float | None = None) -> Variant:
-        return measure_variant(name, model, tokenizer, eval_examples, speed_examples, runtime, t0, reference, sparsity)
+        return measure_variant(name, model, tokenizer, eval_examples, speed_examples, runtime, t0, reference, sparsity,
+                               clock)
 
     t0 = time.perf_counter()
-    model = merge_lora(base, adapter_dir).to(runtime.device)
+    with clock("merge"):
+        model = merge_lora(base, adapter_dir).to(runtime.device)
     merged = measured("merged_fp32", model, t0, None)
     variants = [merged]
 
@@ -492,10 +554,11 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
     decision = None
     if cfg.prune_method != "none" and cfg.prune_amount > 0:
         t0 = time.perf_counter()
-        unpruned = copy.deepcopy(model)
-        calibration = (calibration_inputs(tokenizer, (calibration_examples or [])[: cfg.calibration_examples],
-                                          cfg.calibration_max_tokens) if cfg.prune_method != "magnitude" else None)
-        layer_sparsity = prune(model, cfg.prune_method, cfg.prune_amount, calibration)
+        with clock("prune"):
+            unpruned = copy.deepcopy(model)
+            calibration = (calibration_inputs(tokenizer, (calibration_examples or [])[: cfg.calibration_examples],
+                                              cfg.calibration_max_tokens) if cfg.prune_method != "magnitude" else None)
+            layer_sparsity = prune(model, cfg.prune_method, cfg.prune_amount, calibration, runtime)
         pruned = measured(f"pruned_{cfg.prune_method}_{round(cfg.prune_amount * 100)}pct", model, t0, merged.perplexity)
         variants.append(pruned)
         decision = decide_pruning(merged.perplexity, pruned.perplexity, cfg.max_prune_ppl_ratio)
@@ -507,22 +570,25 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
     source_ppl = variants[-1].perplexity if decision is not None and decision.keep else merged.perplexity
 
     merged_dir = out_dir / "merged"
-    model.save_pretrained(merged_dir)
-    tokenizer.save_pretrained(merged_dir)
+    with clock("save_merged"):
+        model.save_pretrained(merged_dir)
+        tokenizer.save_pretrained(merged_dir)
 
     backend = pick_int8_backend(cfg, runtime)
     t0 = time.perf_counter()
-    qmodel = quantize_int8(model, backend, merged_dir)
+    with clock("int8"):
+        qmodel = quantize_int8(model, backend, merged_dir)
     qvariant = measured(f"int8_{backend}", qmodel, t0, source_ppl, overall_sparsity(model))  # int8 keeps exact zeros
     variants.append(qvariant)
     int8 = decide_variant(f"int8 ({backend})", "full-precision model", source_ppl, qvariant.perplexity, cfg.max_quant_ppl_ratio)
     log.info("int8 decision: %s", int8.reason)
-    int8_dir = save_int8(qmodel, backend, tokenizer, out_dir / f"int8-{backend}") if int8.keep and cfg.save_int8 else None
+    with clock("save_int8"):
+        int8_dir = save_int8(qmodel, backend, tokenizer, out_dir / f"int8-{backend}") if int8.keep and cfg.save_int8 else None
     del qmodel
 
     prompts = [tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in eval_examples[: cfg.verify_prompts]]
     gguf = export_and_verify(model.cpu(), tokenizer, merged_dir, out_dir / "gguf", list(cfg.gguf_types), prompts,
-                             dict(cfg.min_agreement), eval_examples, runtime)
+                             dict(cfg.min_agreement), eval_examples, runtime, clock)
     for g in gguf.values():  # ratio to the HF model the files were converted from
         ratio = g.perplexity / source_ppl if g.perplexity else None
         variants.append(Variant(f"gguf_{g.kind}", g.perplexity, g.size_mb, overall_sparsity(model), 0.0, None, None, ratio))
@@ -531,8 +597,9 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
     modelfile, spec = write_modelfile(tokenizer, gguf[shipped].path)
 
     result = OptimizeResult(merged_dir, variants, backend, layer_sparsity, gguf, decision, modelfile, spec, int8, int8_dir,
-                            shipped, ship_reason)
-    summary = {"int8_backend": backend, "variants": [asdict(v) for v in variants], "layer_sparsity": layer_sparsity,
+                            shipped, ship_reason, dict(clock))
+    log.info("optimize phases (s): %s", ", ".join(f"{k} {v:.1f}" for k, v in clock.items()))
+    summary = {"seconds": dict(clock), "int8_backend": backend, "variants": [asdict(v) for v in variants], "layer_sparsity": layer_sparsity,
                "overall_sparsity": overall_sparsity(model), "pruning": asdict(decision) if decision else None,
                "int8": asdict(int8), "shipped": shipped, "ship_reason": ship_reason,
                "gguf": {k: asdict(g) for k, g in gguf.items()}}
@@ -561,6 +628,7 @@ def _log_optimize(tracker: Tracker, result: OptimizeResult, out_dir: Path) -> No
     if decision:
         metrics["optimize/prune_ppl_ratio"] = decision.ratio
     metrics["optimize/int8_ppl_ratio"] = int8.ratio
+    metrics.update({f"optimize/seconds/{phase}": seconds for phase, seconds in result.seconds.items()})
     tracker.log_metrics(metrics)
     tracker.set_tags({"optimize.int8_backend_resolved": result.int8_backend,
                       "optimize.pruning": ("kept" if decision.keep else "fallback") if decision else "off",
