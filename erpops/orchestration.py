@@ -143,8 +143,12 @@ def start_stack(home: Path, tracking_uri: str, artifact_root: str, project_dir: 
         wait_http(f"{api}/health", timeout, p, log)
         wait_http(f"http://127.0.0.1:{mlflow_port}/health", timeout, m, mlog)
         if worker:
+            from erpops.runtime import jemalloc_env
+
+            # its flow runs train and score models: under jemalloc where the system has it, as `erpops run` is
+            worker_env = jemalloc_env(["erpops", "run"], env) or env
             w, wlog = _spawn("prefect-worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL,
-                                                "--type", "process"], env, logs, project_dir)
+                                                "--type", "process"], worker_env, logs, project_dir)
             started.append(w)
             stack.services.append(Service("prefect-worker", w.pid, WORK_POOL, str(wlog)))
             wait_pool(api, WORK_POOL, timeout, w, wlog)

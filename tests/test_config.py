@@ -71,3 +71,41 @@ def test_mlflow_settings_resolve_relative_paths_and_env_overrides(tmp_path, monk
     monkeypatch.setenv("ERPOPS_REGISTERED_MODEL", "m2")
     s = load_mlflow_settings(cfg)
     assert s.tracking_uri == "sqlite:////elsewhere/x.db" and s.registered_model_name == "m2"
+
+
+def test_heavy_commands_start_over_under_jemalloc_where_it_exists(tmp_path):
+    from erpops.runtime import jemalloc_env
+
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    found = (str(lib),)
+    env = jemalloc_env(["erpops", "run", "--recipe", "r.yaml"], {"PATH": "/bin"}, found)
+    assert env == {"PATH": "/bin", "LD_PRELOAD": str(lib)}
+    kept = jemalloc_env(["erpops", "train"], {"LD_PRELOAD": "/opt/libfoo.so"}, found)
+    assert kept["LD_PRELOAD"] == f"{lib} /opt/libfoo.so"  # an earlier preload is kept
+    assert jemalloc_env(["erpops", "status"], {}, found) is None  # light commands: as they are
+    assert jemalloc_env(["erpops"], {}, found) is None
+    assert jemalloc_env(["erpops", "run"], {"LD_PRELOAD": str(lib)}, found) is None  # never twice
+    assert jemalloc_env(["erpops", "run"], {"ERPOPS_JEMALLOC": "0"}, found) is None  # turned off
+    assert jemalloc_env(["erpops", "run"], {}, (str(tmp_path / "absent.so"),)) is None  # no jemalloc here
+
+
+def test_the_preload_loads_jemalloc_and_the_console_script_still_answers():
+    """Where the system has jemalloc, a process started with jemalloc_env's environment has it mapped (where
+    it has none, nothing changes); `erpops evaluate --help` answers through the re-exec."""
+    import os
+    import subprocess
+    import sys
+
+    from erpops.runtime import jemalloc_env
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ERPOPS_JEMALLOC")}
+    preload = jemalloc_env(["erpops", "run"], env)
+    probe = subprocess.run([sys.executable, "-c", "print('jemalloc' in open('/proc/self/maps').read())"],
+                           env=preload or env, capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == str(preload is not None), probe.stderr
+    erpops = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "erpops"
+    if not erpops.exists():
+        pytest.skip("no .venv/bin/erpops (make install)")
+    out = subprocess.run([str(erpops), "evaluate", "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--recipe" in out.stdout, out.stderr[-2000:]
