@@ -28,6 +28,10 @@ JEMALLOC = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linu
             "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2")
 """Where Debian (libjemalloc2), Fedora and Arch put jemalloc."""
 
+JEMALLOC_CONF = "dirty_decay_ms:1000,muzzy_decay_ms:0"
+"""Freed pages go back to the system after a second, not ten: 30 training steps peak at 3.79 GB instead of 4.19
+(glibc: 5.82). A MALLOC_CONF already set is kept."""
+
 HEAVY_COMMANDS = frozenset({"run", "train", "optimize", "evaluate"})
 """CLI commands that train or score a model: they run under jemalloc where the system has it."""
 
@@ -45,7 +49,8 @@ def jemalloc_env(argv: list[str], env: dict[str, str], candidates: tuple[str, ..
     lib = next((c for c in candidates if Path(c).is_file()), None)
     if lib is None:
         return None
-    return {**env, "LD_PRELOAD": " ".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)}
+    return {**env, "LD_PRELOAD": " ".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p),
+            "MALLOC_CONF": env.get("MALLOC_CONF", JEMALLOC_CONF)}
 
 
 def setup_process(home: Path = Path(".erpops")) -> None:

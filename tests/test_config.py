@@ -80,9 +80,10 @@ def test_heavy_commands_start_over_under_jemalloc_where_it_exists(tmp_path):
     lib.write_bytes(b"")
     found = (str(lib),)
     env = jemalloc_env(["erpops", "run", "--recipe", "r.yaml"], {"PATH": "/bin"}, found)
-    assert env == {"PATH": "/bin", "LD_PRELOAD": str(lib)}
-    kept = jemalloc_env(["erpops", "train"], {"LD_PRELOAD": "/opt/libfoo.so"}, found)
+    assert env == {"PATH": "/bin", "LD_PRELOAD": str(lib), "MALLOC_CONF": "dirty_decay_ms:1000,muzzy_decay_ms:0"}
+    kept = jemalloc_env(["erpops", "train"], {"LD_PRELOAD": "/opt/libfoo.so", "MALLOC_CONF": "narenas:2"}, found)
     assert kept["LD_PRELOAD"] == f"{lib} /opt/libfoo.so"  # an earlier preload is kept
+    assert kept["MALLOC_CONF"] == "narenas:2"  # and a jemalloc configuration already set
     assert jemalloc_env(["erpops", "status"], {}, found) is None  # light commands: as they are
     assert jemalloc_env(["erpops"], {}, found) is None
     assert jemalloc_env(["erpops", "run"], {"LD_PRELOAD": str(lib)}, found) is None  # never twice
