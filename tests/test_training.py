@@ -339,3 +339,22 @@ def test_training_in_micro_batches_takes_the_same_steps(tiny_model_dir, corpus, 
     assert w_weights.keys() == m_weights.keys()
     for k in w_weights:
         torch.testing.assert_close(w_weights[k], m_weights[k], rtol=1e-4, atol=1e-6)
+
+
+def test_gpu_check_builds_the_published_architectures(tokenizer):
+    """bench/gpu_check.py trains models of the GPU recipes' shapes (no hub here): the shapes must be theirs.
+    SmolLM2-1.7B has 1.711B parameters; Qwen2.5-0.5B 494.0M, of which (151,936 - 49,152) x 896 are the
+    embedding rows SmolLM2's tokenizer does not need."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    n = {r: gpu_check.count_params(gpu_check.build_config(r, tokenizer)) for r in gpu_check.ARCHS}
+    assert abs(n["smollm2-1.7b/gpu"] / 1.7114e9 - 1) < 0.002, n
+    assert abs(n["qwen2.5-0.5b/gpu-qlora"] / (494.03e6 - (151_936 - 49_152) * 896) - 1) < 0.002, n
+    assert gpu_check.mfu(1000.0, 1_000_000_000, 1e15) == pytest.approx(0.004)  # 1000 tok/s x 4e9 FLOP / 1 PFLOP/s
+    assert gpu_check.mfu(1000.0, 1, None) is None
+    assert gpu_check.metric_key("qwen2.5-0.5b/gpu-qlora") == "qwen2_5_0_5b"
