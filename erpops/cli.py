@@ -859,6 +859,8 @@ def main():
 
     env = jemalloc_env(sys.argv, dict(os.environ))
     if env is not None:  # the process starts over under jemalloc (same arguments); nothing has run yet
+        if os.path.isfile(sys.argv[0]) and os.access(sys.argv[0], os.X_OK):  # the console script: `erpops` in usage
+            os.execve(sys.argv[0], sys.argv, env)
         os.execve(sys.executable, [sys.executable, "-m", "erpops.cli", *sys.argv[1:]], env)
     app()
 

@@ -109,4 +109,4 @@ def test_the_preload_loads_jemalloc_and_the_console_script_still_answers():
     if not erpops.exists():
         pytest.skip("no .venv/bin/erpops (make install)")
     out = subprocess.run([str(erpops), "evaluate", "--help"], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "--recipe" in out.stdout, out.stderr[-2000:]
+    assert out.returncode == 0 and "--recipe" in out.stdout and "Usage: erpops evaluate" in out.stdout, out.stderr[-2000:]
