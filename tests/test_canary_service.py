@@ -81,6 +81,8 @@ def test_a_healthy_canary_walks_its_steps_and_is_promoted(world):
     assert _serving(w) == stable  # building the canary's release switched nothing
 
     answers = _until_canary_calls(w, POLICY.min_requests)
+    while not any(a["arm"] == "stable" for a in answers) and len(answers) < 200:  # at 50%, the first 5 can all be canary
+        answers.append(_chat(w))
     canary = [a for a in answers if a["arm"] == "canary"]
     assert {a["release"] for a in canary} == {state.release_id}
     assert {a["release"] for a in answers if a["arm"] == "stable"} == {stable[0]}

@@ -250,21 +250,30 @@ def test_up_deploy_trigger_exit_codes_then_down(tmp_path):
 
 
 def test_each_stage_records_its_own_peak_rss():
-    from pathlib import Path
-
-    from erpops.summary import RunSummary, peak_rss_mb
-
-    summary = RunSummary(Path("/tmp/erpops-peak-test"), "r.yaml")
-    with summary.stage("validate"):
-        big = bytearray(300 * 1024 * 1024)  # touched: 300 MiB resident
-        big[::4096] = b"x" * len(big[::4096])
-        del big
-    with summary.stage("train"):
-        pass
-    if peak_rss_mb() is None:
+    """In a fresh process: this worker's earlier tests left children whose peaks getrusage reports when they are
+    reaped, which may happen during any stage here."""
+    code = """
+import json
+from pathlib import Path
+from erpops.summary import RunSummary, peak_rss_mb
+summary = RunSummary(Path("/tmp/erpops-peak-test"), "r.yaml")
+with summary.stage("validate"):
+    big = bytearray(300 * 1024 * 1024)  # touched: 300 MiB resident
+    big[::4096] = b"x" * len(big[::4096])
+    del big
+with summary.stage("train"):
+    pass
+print(json.dumps({"supported": peak_rss_mb() is not None, "validate": summary.stages["validate"].peak_rss_mb,
+                  "train": summary.stages["train"].peak_rss_mb, "metrics": summary.memory_metrics(),
+                  "table": summary.table()}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if not got["supported"]:
         pytest.skip("no /proc/self/status here")
-    validate, train = summary.stages["validate"].peak_rss_mb, summary.stages["train"].peak_rss_mb
+    validate, train = got["validate"], got["train"]
     assert validate - train > 250, (validate, train)  # the counter was reset: train does not inherit validate's peak
-    metrics = summary.memory_metrics()
+    metrics = got["metrics"]
     assert metrics["system/peak_rss_megabytes"] == metrics["system/peak_rss_megabytes_validate"] == validate
-    assert "peak RSS" in summary.table() and "GiB" in summary.table()
+    assert "peak RSS" in got["table"] and "GiB" in got["table"]
