@@ -65,8 +65,10 @@ def main() -> None:
 
     rows: list[dict] = []
 
+    scores = {}
+
     def measure(name: str, model, sparsity: float | None = None, note: str = "") -> dict:
-        v = measure_variant(name, model, tokenizer, evals, speed, runtime, time.perf_counter(), sparsity=sparsity)
+        v, scores[name] = measure_variant(name, model, tokenizer, evals, speed, runtime, time.perf_counter(), sparsity=sparsity)
         row = {"variant": v.name, "ppl": v.perplexity, "size_mb": v.size_mb, "sparsity": v.sparsity,
                "tokens_per_s": v.tokens_per_s, "memory_mb": v.memory_mb, "seconds": v.seconds, "note": note}
         rows.append(row)
@@ -95,9 +97,8 @@ def main() -> None:
         measure(f"pruned_{method}_30pct", pruned, note=f"pruning took {time.perf_counter() - t0:.1f} s")
         del pruned
 
-    prompts = [tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in evals[:16]]
-    exports = export_and_verify(fp32.cpu(), tokenizer, merged_dir, out / "gguf", ["f16", "q8_0"], prompts,
-                                {"f16": 0.0, "q8_0": 0.0}, evals, Runtime("cpu", "float32"))
+    exports = export_and_verify(merged_dir, tokenizer, out / "gguf", ["f16", "q8_0"], evals, scores["fp32"],
+                                {"f16": 0.0, "q8_0": 0.0}, Runtime("cpu", "float32"))
     for kind, g in exports.items():
         tps = _llama_cpp_tokens_per_s(g.path, tokenizer, speed)
         rows.append({"variant": f"gguf_{kind}", "ppl": g.perplexity, "size_mb": g.size_mb, "sparsity": 0.0,

@@ -108,6 +108,18 @@ class RunSummary:
         return "\n".join(lines)
 
 
+class PhaseClock(dict):
+    """Wall seconds per named phase of a stage; `with clock("prune"):` adds the block's time to that phase."""
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[phase] = round(self.get(phase, 0.0) + time.perf_counter() - t0, 3)
+
+
 def reset_peak_rss() -> bool:
     """Reset this process's peak-RSS counter (Linux: "5" to /proc/self/clear_refs); False where it cannot be."""
     try:

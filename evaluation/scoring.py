@@ -15,6 +15,9 @@ class NLL:
     """Summed negative log-likelihood of the assistant tokens, per example."""
     tokens: list[int]
     """Assistant tokens scored, per example."""
+    top: list | None = None
+    """With `response_nll(..., top_tokens=True)`: per example, the model's most likely token at each scored
+    position (1-D tensors, in position order); None otherwise."""
 
     @property
     def perplexity(self) -> float:
@@ -28,8 +31,10 @@ class NLL:
         return [x / n if n else float("nan") for x, n in zip(self.nll, self.tokens)]
 
 
-def response_nll(model, tokenizer, examples: list[dict], runtime: Runtime, batch_size: int = 8) -> NLL:
-    """Teacher-forced NLL of every assistant turn (the same tokens the training loss covers)."""
+def response_nll(model, tokenizer, examples: list[dict], runtime: Runtime, batch_size: int = 8,
+                 top_tokens: bool = False) -> NLL:
+    """Teacher-forced NLL of every assistant turn (the same tokens the training loss covers); with
+    `top_tokens`, also the model's own next-token choice at those positions (from the same forward)."""
     import torch
     import torch.nn.functional as F
 
@@ -40,6 +45,7 @@ def response_nll(model, tokenizer, examples: list[dict], runtime: Runtime, batch
     # batches of similar length pad less (a third less time on the eval split); results keep the input order
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     nll, counts = [0.0] * len(encoded), [0] * len(encoded)
+    top: list = [None] * len(encoded)
     with torch.no_grad():
         for i in range(0, len(order), batch_size):
             members = order[i:i + batch_size]
@@ -49,9 +55,22 @@ def response_nll(model, tokenizer, examples: list[dict], runtime: Runtime, batch
             token_nll = F.cross_entropy(logits, targets, reduction="none")
             rows = keep.nonzero()[:, 0]
             per_example = torch.zeros(keep.shape[0], device=token_nll.device).index_add_(0, rows, token_nll)
-            for j, value, count in zip(members, per_example.tolist(), keep.sum(dim=1).tolist()):
+            row_counts = keep.sum(dim=1).tolist()
+            for j, value, count in zip(members, per_example.tolist(), row_counts):
                 nll[j], counts[j] = value, count
-    return NLL(nll, counts)
+            if top_tokens:  # kept positions are in row-major order: each example's are one contiguous run
+                for j, part in zip(members, logits.argmax(-1).cpu().split(row_counts)):
+                    top[j] = part
+    return NLL(nll, counts, top if top_tokens else None)
+
+
+def top_token_agreement(reference: NLL, other: NLL) -> float:
+    """Share of scored positions, over all examples, where two models (scored with top_tokens=True on the
+    same examples) choose the same next token."""
+    if reference.top is None or other.top is None:
+        raise ValueError("top_token_agreement needs both scores taken with top_tokens=True")
+    same = sum(int((a == b).sum()) for a, b in zip(reference.top, other.top))
+    return same / max(1, sum(a.numel() for a in reference.top))
 
 
 def generate_answers(model, tokenizer, examples: list[dict], runtime: Runtime, max_new_tokens: int,

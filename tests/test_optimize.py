@@ -74,19 +74,31 @@ def test_bitsandbytes_int8_on_gpu(tiny_model_dir):
 def test_gguf_export_reads_back_and_agrees(tiny, tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from training.gguf import GGUFVerificationError, export_and_verify
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prompts = ["<|im_start|>user\n재고 이동은 어떻게 하나요?<|im_end|>\n<|im_start|>assistant\n", "How do I post a journal entry?"]
-    exports = export_and_verify(tiny, tok, tiny_model_dir, tmp_path, ["f16"], prompts, {"f16": 0.95})
-    g = exports["f16"]
-    assert g.path.is_file() and g.tokenizer_match and g.agreement >= 0.95 and len(g.sha256) == 64
-    strict = export_and_verify(tiny, tok, tiny_model_dir, tmp_path / "strict", ["f16"], prompts, {"f16": 1.01})["f16"]
-    assert not strict.passed and "agreement" in strict.problem
+    from erpops.summary import PhaseClock
+    from evaluation.scoring import response_nll
+    from training.gguf import export_and_verify
     from training.optimize import choose_gguf
 
-    with pytest.raises(GGUFVerificationError, match="no GGUF export can ship"):
-        choose_gguf("f16", {"f16": strict}, 1.02)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = [{"messages": [{"role": "user", "content": "재고 이동은 어떻게 하나요?"},
+                              {"role": "assistant", "content": "재고 이동 화면에서 창고를 고르고 수량을 입력합니다."}]},
+                {"messages": [{"role": "user", "content": "How do I post a journal entry?"},
+                              {"role": "assistant", "content": "Open General Ledger, enter the lines and post."}]}]
+    runtime = Runtime("cpu", "float32")
+    reference = response_nll(tiny, tok, examples, runtime, top_tokens=True)
+    clock = PhaseClock()
+    g = export_and_verify(tiny_model_dir, tok, tmp_path, ["f16"], examples, reference, {"f16": 0.95}, runtime, clock)["f16"]
+    assert g.path.is_file() and g.tokenizer_match and g.agreement >= 0.95 and len(g.sha256) == 64
+    assert abs(g.perplexity / reference.perplexity - 1) < 0.01  # f16 of an fp32 model: the same scores
+    assert {"gguf_convert_f16", "gguf_load_f16", "gguf_score_f16"} <= set(clock)
+    strict = export_and_verify(tiny_model_dir, tok, tmp_path / "strict", ["f16"], examples, reference, {"f16": 1.01})["f16"]
+    assert not strict.passed and "agreement" in strict.problem
+    kind, why = choose_gguf("f16", {"f16": strict}, reference.perplexity, 1.02)
+    assert kind is None and "no GGUF export can ship" in why and "f16 failed verification" in why
+    # the agreement counts real disagreements: against another model's choices it drops
+    other = reference.__class__(reference.nll, reference.tokens, [t + 1 for t in reference.top])
+    disagree = export_and_verify(tiny_model_dir, tok, tmp_path / "other", ["f16"], examples, other, {"f16": 0.5})["f16"]
+    assert disagree.agreement == 0.0 and not disagree.passed
 
 
 def test_logged_adapter_and_merged_model_load_back_with_identical_logits(tiny_model_dir, corpus, tmp_path, mlflow_settings):
@@ -127,7 +139,7 @@ def test_logged_adapter_and_merged_model_load_back_with_identical_logits(tiny_mo
     metrics = tracker.client.get_run(tracker.run_id).data.metrics
     for v in ("merged_fp32", "int8_torchao"):
         assert {f"optimize/{v}/{k}" for k in ("perplexity", "ppl_ratio", "size_mb", "tokens_per_s", "memory_mb")} <= set(metrics)
-    assert "optimize/gguf_q8_0_over_f16_size" in metrics
+    assert {"optimize/gguf_q8_0/agreement", "optimize/gguf_q8_0/ppl_ratio", "optimize/seconds/gguf_score_q8_0"} <= set(metrics)
     assert "variants.txt" in [a.path.split("/")[-1] for a in tracker.client.list_artifacts(tracker.run_id, "optimize")]
 
 
@@ -159,7 +171,7 @@ def test_failed_pruning_and_quantization_fall_back(tiny_model_dir, corpus, tmp_p
     train = read_examples(data.train_path)
     trained = train_lora(recipe, tiny_model_dir, train, tmp_path, runtime)
     evals = read_examples(data.eval_path)[:4]
-    strict = OptimizeConfig(prune_method="wanda", calibration_examples=4, int8_backend="torchao", gguf_types=["f16", "q8_0"],
+    strict = OptimizeConfig(prune_method="wanda", calibration_examples=4, int8_backend="torchao", gguf_types=["q8_0"],
                             ship="q8_0", verify_prompts=2, min_agreement={"f16": 0.95, "q8_0": 0.5}, speed_prompts=1,
                             max_prune_ppl_ratio=0.5, max_quant_ppl_ratio=0.5)  # nothing can pass: every fallback runs
     result = optimize_model(strict, tiny_model_dir, trained.adapter_dir, evals, tmp_path / "strict", runtime,
@@ -175,7 +187,7 @@ def test_failed_pruning_and_quantization_fall_back(tiny_model_dir, corpus, tmp_p
     saved = json.loads((tmp_path / "strict" / "optimize.json").read_text())
     assert saved["pruning"]["keep"] is False and saved["shipped"] == "f16"
     names = [v["name"] for v in saved["variants"]]
-    assert names == ["merged_fp32", "pruned_wanda_30pct", "int8_torchao", "gguf_f16", "gguf_q8_0"]
+    assert names == ["merged_fp32", "pruned_wanda_30pct", "int8_torchao", "gguf_q8_0", "gguf_f16"]  # f16: the fallback
     assert all(v["perplexity"] > 0 for v in saved["variants"])
     assert saved["variants"][0]["tokens_per_s"] > 0 and saved["variants"][2]["memory_mb"] < saved["variants"][0]["memory_mb"]
 
@@ -183,6 +195,7 @@ def test_failed_pruning_and_quantization_fall_back(tiny_model_dir, corpus, tmp_p
     result = optimize_model(lenient, tiny_model_dir, trained.adapter_dir, evals, tmp_path / "lenient", runtime,
                             calibration_examples=train)
     assert result.pruning.keep and result.int8.keep and result.shipped == "q8_0"
+    assert not (tmp_path / "lenient" / "gguf" / "model-f16.gguf").exists()  # no fallback needed, none exported
     assert abs(overall_sparsity(AutoModelForCausalLM.from_pretrained(result.merged_dir)) - 0.3) < 0.02
     assert load_int8(result.int8_dir) is not None
 
@@ -190,20 +203,26 @@ def test_failed_pruning_and_quantization_fall_back(tiny_model_dir, corpus, tmp_p
 def test_choose_gguf_is_a_pure_decision():
     from pathlib import Path
 
-    from training.gguf import GGUFExport, GGUFVerificationError
+    from training.gguf import GGUFExport
     from training.optimize import choose_gguf
 
     def g(kind, ppl, passed=True):
         return GGUFExport(kind, Path(f"model-{kind}.gguf"), 1.0, "x", 0.99, True, ppl, passed, "" if passed else "agreement 0.5")
 
-    assert choose_gguf("q8_0", {"f16": g("f16", 10.0), "q8_0": g("q8_0", 10.05)}, 1.01)[0] == "q8_0"
-    kind, why = choose_gguf("q8_0", {"f16": g("f16", 10.0), "q8_0": g("q8_0", 10.5)}, 1.01)
+    # q8_0 is judged against the HF model it was converted from (perplexity 10.0 here)
+    assert choose_gguf("q8_0", {"q8_0": g("q8_0", 10.05)}, 10.0, 1.01)[0] == "q8_0"
+    assert choose_gguf("q8_0", {"f16": g("f16", 10.0), "q8_0": g("q8_0", 10.05)}, 10.0, 1.01)[0] == "q8_0"
+    kind, why = choose_gguf("q8_0", {"f16": g("f16", 10.0), "q8_0": g("q8_0", 10.5)}, 10.0, 1.01)
     assert kind == "f16" and "1.0500x" in why
-    kind, why = choose_gguf("q8_0", {"f16": g("f16", 10.0), "q8_0": g("q8_0", 10.0, passed=False)}, 1.01)
+    kind, why = choose_gguf("q8_0", {"f16": g("f16", 10.0), "q8_0": g("q8_0", 10.0, passed=False)}, 10.0, 1.01)
     assert kind == "f16" and "failed verification" in why
-    assert choose_gguf("q8_0", {"q8_0": g("q8_0", 10.0)}, 1.01)[0] == "q8_0"  # no f16 to compare with
-    with pytest.raises(GGUFVerificationError):
-        choose_gguf("q8_0", {"f16": g("f16", 10.0, False), "q8_0": g("q8_0", 10.0, False)}, 1.01)
+    # no f16 exported yet: nothing can ship, and the caller is told why (it then exports f16)
+    kind, why = choose_gguf("q8_0", {"q8_0": g("q8_0", 10.5)}, 10.0, 1.01)
+    assert kind is None and "1.0500x" in why
+    assert choose_gguf("q8_0", {"q8_0": g("q8_0", float("nan"))}, 10.0, 1.01)[0] is None
+    kind, why = choose_gguf("q8_0", {"f16": g("f16", 10.0, False), "q8_0": g("q8_0", 10.0, False)}, 10.0, 1.01)
+    assert kind is None and "f16 failed verification" in why
+    assert choose_gguf("f16", {"f16": g("f16", 12.0)}, 10.0, 1.01)[0] == "f16"  # f16: verification alone
 
 
 def test_wanda_prunes_each_row_by_weight_times_activation(tiny, tiny_model_dir):
@@ -361,3 +380,25 @@ def test_calibrated_prune_shares_one_statistic_between_linears_of_one_input(tiny
     assert seen[layer + "mlp.gate_proj"] is seen[layer + "mlp.up_proj"]
     assert seen[layer + "self_attn.o_proj"] is not seen[layer + "self_attn.q_proj"]
     assert seen[layer + "mlp.down_proj"] is not seen[layer + "mlp.gate_proj"]
+
+
+def test_calibration_runs_each_block_twice_per_sequence(tiny, monkeypatch):
+    """Block by block: once to collect the statistics, once more (pruned) to feed the next block. Capturing
+    the first block's inputs runs no block at all, and leaves every block's own forward in place."""
+    from collections import Counter
+
+    from training.optimize import sparsegpt_prune
+
+    layers = list(tiny.model.layers)
+    cls = type(layers[0])
+    forward, runs = cls.forward, Counter()
+
+    def counted(self, *args, **kwargs):
+        runs[layers.index(self)] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", counted)
+    calibration = [torch.randint(0, 250, (1, n)) for n in (12, 20, 7)]
+    sparsegpt_prune(tiny, 0.3, calibration)
+    assert runs == {i: 2 * len(calibration) for i in range(len(layers))}
+    assert all("forward" not in vars(layer) for layer in layers)

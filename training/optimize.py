@@ -19,8 +19,9 @@ from pathlib import Path
 
 from erpops.config import OptimizeConfig
 from erpops.device import Runtime
+from erpops.summary import PhaseClock
 from erpops.tracking import Tracker, write_json
-from evaluation.scoring import response_nll
+from evaluation.scoring import NLL, response_nll
 from deployment.modelfile import ModelfileSpec, write_modelfile
 from training.gguf import GGUFExport, GGUFVerificationError, export_and_verify
 
@@ -77,18 +78,6 @@ class OptimizeResult:
         return "\n".join(rows)
 
 
-class PhaseClock(dict):
-    """Wall seconds per named phase; `with clock("prune"):` adds the block's time to that phase."""
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self[phase] = round(self.get(phase, 0.0) + time.perf_counter() - t0, 3)
-
-
 @dataclass(frozen=True)
 class Decision:
     keep: bool
@@ -112,26 +101,31 @@ def decide_pruning(merged_ppl: float, pruned_ppl: float, max_ratio: float) -> De
     return decide_variant("pruned model", "unpruned model", merged_ppl, pruned_ppl, max_ratio)
 
 
-def choose_gguf(ship: str, exports: dict[str, GGUFExport], max_ratio: float) -> tuple[str, str]:
+def choose_gguf(ship: str, exports: dict[str, GGUFExport], source_ppl: float, max_ratio: float) -> tuple[str | None, str]:
     """Which verified GGUF ships, and why: the recipe's choice when it passed verification and (q8_0) its
-    perplexity stays within max_ratio of the f16 export; else f16 when that passed. Raises when none can ship."""
-    wanted = exports.get(ship)
-    f16 = exports.get("f16")
+    perplexity stays within max_ratio of `source_ppl`, the HF model it was converted from (f16 is judged by
+    verification alone); else f16 when it was exported and passed. (None, why) when no export so far can
+    ship: the caller exports f16 and asks again, or stops."""
     problems = []
-    if wanted is not None and wanted.passed:
-        ratio = (wanted.perplexity / f16.perplexity if ship != "f16" and f16 is not None and f16.perplexity
-                 and wanted.perplexity is not None else None)
-        if ratio is None or ratio <= max_ratio:
-            extra = f", perplexity {ratio:.4f}x the f16 export" if ratio is not None else ""
-            return ship, f"{ship} verified (agreement {wanted.agreement:.3f}{extra}): it ships"
-        problems.append(f"{ship} perplexity is {ratio:.4f}x the f16 export (allowed {max_ratio})")
-    elif wanted is not None:
+    wanted = exports.get(ship)
+    if wanted is None:
+        problems.append(f"{ship} was not exported")
+    elif not wanted.passed:
         problems.append(f"{ship} failed verification: {wanted.problem}")
-    if ship != "f16" and f16 is not None and f16.passed:
-        return "f16", "; ".join(problems) + ": the f16 GGUF ships instead"
-    if f16 is not None and not f16.passed:
+    else:
+        ratio = (wanted.perplexity / source_ppl if ship != "f16" and wanted.perplexity is not None and source_ppl > 0
+                 else None)
+        if ratio is None or ratio <= max_ratio:
+            extra = f", perplexity {ratio:.4f}x its HF source" if ratio is not None else ""
+            return ship, f"{ship} verified (agreement {wanted.agreement:.3f}{extra}): it ships"
+        problems.append(f"{ship} perplexity {wanted.perplexity:.3f} is {ratio:.4f}x the {source_ppl:.3f} of its HF "
+                        f"source (allowed {max_ratio})")
+    f16 = exports.get("f16")
+    if ship != "f16" and f16 is not None:
+        if f16.passed:
+            return "f16", "; ".join(problems) + ": the f16 GGUF ships instead"
         problems.append(f"f16 failed verification: {f16.problem}")
-    raise GGUFVerificationError("no GGUF export can ship: " + "; ".join(problems or [f"{ship} was not exported"]))
+    return None, "no GGUF export can ship: " + "; ".join(problems)
 
 
 def merge_lora(base: Path | str, adapter_dir: Path):
@@ -257,22 +251,25 @@ def _calibrated_prune(model, calibration: list, stat: str, prune_linear, runtime
     captured: list[list] = [[] for _ in layers]  # per layer: (args, kwargs) of each calibration sequence
 
     def capture(i):
-        def hook(module, args, kwargs):  # hidden states are kept for the first block only: later ones are recomputed
-            if i > 0:
+        def forward(*args, **kwargs):  # record the block's inputs and pass the hidden states through unchanged:
+            hidden = _hidden_of(args, kwargs)  # the blocks are run below, one at a time, so none runs here
+            if i > 0:  # hidden states are kept for the first block only: later ones are recomputed
                 args = (None, *args[1:]) if args else args
                 kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             captured[i].append((args, kwargs))
-        return hook
+            return hidden
+        return forward
 
-    handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    for i, layer in enumerate(layers):
+        layer.forward = capture(i)  # an instance attribute: shadows the class's forward until deleted
     model.eval()
     try:
         with torch.no_grad(), compute:
             for ids in calibration:
                 decoder(input_ids=ids.to(model.device), use_cache=False)
     finally:
-        for h in handles:
-            h.remove()
+        for layer in layers:
+            del layer.forward
 
     sparsity: dict[str, float] = {}
     names = {id(m): n for n, m in model.named_modules()}
@@ -511,19 +508,21 @@ def _nbytes(t) -> int:
 
 def measure_variant(name: str, model, tokenizer, eval_examples: list[dict], speed_examples: list[dict], runtime: Runtime,
                     started: float, reference_ppl: float | None = None, sparsity: float | None = None,
-                    clock: PhaseClock | None = None) -> Variant:
+                    clock: PhaseClock | None = None) -> tuple[Variant, NLL]:
     """Score one variant the way every variant is scored: response perplexity on `eval_examples` (and its ratio
-    to `reference_ppl`), size on disk, sparsity, and greedy tokens/s and memory on `speed_examples`."""
+    to `reference_ppl`), size on disk, sparsity, and greedy tokens/s and memory on `speed_examples`. Also returns
+    the scores themselves, with the model's next-token choices (a GGUF made from it is checked against them)."""
     clock = clock if clock is not None else PhaseClock()
     with clock(f"perplexity_{name}"):
-        ppl = response_nll(model, tokenizer, eval_examples, runtime).perplexity
+        scored = response_nll(model, tokenizer, eval_examples, runtime, top_tokens=True)
+        ppl = scored.perplexity
     with clock(f"speed_{name}"):
         tps, mem = measure_speed(model, tokenizer, speed_examples, runtime) if speed_examples else (None, None)
     v = Variant(name, ppl, saved_size_mb(model), overall_sparsity(model) if sparsity is None else sparsity,
                 time.perf_counter() - started, tps, mem, ppl / reference_ppl if reference_ppl else 1.0)
     log.info("%s: perplexity %.3f (%.3fx), %.1f MB, %s tok/s", name, ppl, v.ppl_ratio, v.size_mb,
              f"{tps:.1f}" if tps else "-")
-    return v
+    return v, scored
 
 
 def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eval_examples: list[dict],
@@ -540,14 +539,14 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
 
     clock = PhaseClock()
 
-    def measured(name: str, model, t0: float, reference: float | None, sparsity: float | None = None) -> Variant:
+    def measured(name: str, model, t0: float, reference: float | None, sparsity: float | None = None) -> tuple[Variant, NLL]:
         return measure_variant(name, model, tokenizer, eval_examples, speed_examples, runtime, t0, reference, sparsity,
                                clock)
 
     t0 = time.perf_counter()
     with clock("merge"):
         model = merge_lora(base, adapter_dir).to(runtime.device)
-    merged = measured("merged_fp32", model, t0, None)
+    merged, source_scores = measured("merged_fp32", model, t0, None)
     variants = [merged]
 
     layer_sparsity: dict[str, float] = {}
@@ -559,11 +558,14 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
             calibration = (calibration_inputs(tokenizer, (calibration_examples or [])[: cfg.calibration_examples],
                                               cfg.calibration_max_tokens) if cfg.prune_method != "magnitude" else None)
             layer_sparsity = prune(model, cfg.prune_method, cfg.prune_amount, calibration, runtime)
-        pruned = measured(f"pruned_{cfg.prune_method}_{round(cfg.prune_amount * 100)}pct", model, t0, merged.perplexity)
+        pruned, pruned_scores = measured(f"pruned_{cfg.prune_method}_{round(cfg.prune_amount * 100)}pct", model, t0,
+                                         merged.perplexity)
         variants.append(pruned)
         decision = decide_pruning(merged.perplexity, pruned.perplexity, cfg.max_prune_ppl_ratio)
         log.info("pruning decision: %s", decision.reason)
-        if not decision.keep:
+        if decision.keep:
+            source_scores = pruned_scores
+        else:
             model = unpruned
             layer_sparsity = {}
         del unpruned
@@ -578,7 +580,7 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
     t0 = time.perf_counter()
     with clock("int8"):
         qmodel = quantize_int8(model, backend, merged_dir)
-    qvariant = measured(f"int8_{backend}", qmodel, t0, source_ppl, overall_sparsity(model))  # int8 keeps exact zeros
+    qvariant, _ = measured(f"int8_{backend}", qmodel, t0, source_ppl, overall_sparsity(model))  # int8 keeps exact zeros
     variants.append(qvariant)
     int8 = decide_variant(f"int8 ({backend})", "full-precision model", source_ppl, qvariant.perplexity, cfg.max_quant_ppl_ratio)
     log.info("int8 decision: %s", int8.reason)
@@ -586,14 +588,24 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
         int8_dir = save_int8(qmodel, backend, tokenizer, out_dir / f"int8-{backend}") if int8.keep and cfg.save_int8 else None
     del qmodel
 
-    prompts = [tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in eval_examples[: cfg.verify_prompts]]
-    gguf = export_and_verify(model.cpu(), tokenizer, merged_dir, out_dir / "gguf", list(cfg.gguf_types), prompts,
-                             dict(cfg.min_agreement), eval_examples, runtime, clock)
+    texts = [tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in eval_examples[: cfg.verify_prompts]]
+
+    def exported(kinds: list[str]) -> dict[str, GGUFExport]:
+        return export_and_verify(merged_dir, tokenizer, out_dir / "gguf", kinds, eval_examples, source_scores,
+                                 dict(cfg.min_agreement), runtime, clock, texts)
+
+    gguf = exported(list(cfg.gguf_types))
+    shipped, ship_reason = choose_gguf(cfg.ship, gguf, source_ppl, cfg.max_quant_ppl_ratio)
+    if shipped is None and "f16" not in gguf:  # the fallback is exported only when it is needed
+        log.info("%s: exporting the f16 fallback", ship_reason)
+        gguf |= exported(["f16"])
+        shipped, ship_reason = choose_gguf(cfg.ship, gguf, source_ppl, cfg.max_quant_ppl_ratio)
+    if shipped is None:
+        raise GGUFVerificationError(ship_reason)
+    log.info("GGUF decision: %s", ship_reason)
     for g in gguf.values():  # ratio to the HF model the files were converted from
         ratio = g.perplexity / source_ppl if g.perplexity else None
         variants.append(Variant(f"gguf_{g.kind}", g.perplexity, g.size_mb, overall_sparsity(model), 0.0, None, None, ratio))
-    shipped, ship_reason = choose_gguf(cfg.ship, gguf, cfg.max_quant_ppl_ratio)
-    log.info("GGUF decision: %s", ship_reason)
     modelfile, spec = write_modelfile(tokenizer, gguf[shipped].path)
 
     result = OptimizeResult(merged_dir, variants, backend, layer_sparsity, gguf, decision, modelfile, spec, int8, int8_dir,
