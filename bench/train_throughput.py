@@ -3,6 +3,7 @@ hyperparameters.
 
     .venv/bin/python bench/train_throughput.py                 # SmolLM2-135M, 10 steps each
     .venv/bin/python bench/train_throughput.py --steps 20 --model tiny
+    .venv/bin/python bench/train_throughput.py --steps 5 --only erpops-mb    # baseline, erpops, erpops-mb
 
 (a) baseline: `transformers.Trainer` + peft LoRA, batches padded to the longest, the model's own loss;
 (b) erpops: training.lora.train_lora (packed padding-free rows, vocabulary projection only at
@@ -120,6 +121,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=str(REPO / ".erpops" / "bench" / "train"))
     ap.add_argument("--micro-batch-tokens", type=int, default=1024)
+    ap.add_argument("--only", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help="variants to run (baseline and erpops are always run: the ratio needs both)")
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -130,7 +133,7 @@ def main() -> None:
         return
 
     results = {}
-    for variant in VARIANTS:
+    for variant in (v for v in VARIANTS if v in {"baseline", "erpops", *args.only}):
         cmd = [sys.executable, __file__, "--variant", variant, "--recipe", args.recipe, "--model", args.model,
                "--steps", str(args.steps), "--out", args.out, "--micro-batch-tokens", str(args.micro_batch_tokens)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -150,11 +153,15 @@ def main() -> None:
     ratio = results["erpops"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
     pairs = (f"ratio={ratio:.2f} baseline_tokens_per_s={results['baseline']['tokens_per_s']:.1f} "
              f"erpops_tokens_per_s={results['erpops']['tokens_per_s']:.1f} "
-             f"baseline_peak_rss_mb={results['baseline']['peak_rss_mb']:.0f} erpops_peak_rss_mb={results['erpops']['peak_rss_mb']:.0f} "
-             f"gc_tokens_per_s={results['erpops-gc']['tokens_per_s']:.1f} gc_peak_rss_mb={results['erpops-gc']['peak_rss_mb']:.0f} "
-             f"mb_tokens_per_s={results['erpops-mb']['tokens_per_s']:.1f} mb_peak_rss_mb={results['erpops-mb']['peak_rss_mb']:.0f} "
-             f"mb_last_loss_delta={results['erpops-mb']['last_loss'] - results['erpops']['last_loss']:+.4f} "
-             f"micro_batch_tokens={args.micro_batch_tokens}")
+             f"baseline_peak_rss_mb={results['baseline']['peak_rss_mb']:.0f} erpops_peak_rss_mb={results['erpops']['peak_rss_mb']:.0f}")
+    if "erpops-gc" in results:
+        gc = results["erpops-gc"]
+        pairs += f" gc_tokens_per_s={gc['tokens_per_s']:.1f} gc_peak_rss_mb={gc['peak_rss_mb']:.0f}"
+    if "erpops-mb" in results:
+        mb = results["erpops-mb"]
+        pairs += (f" mb_tokens_per_s={mb['tokens_per_s']:.1f} mb_peak_rss_mb={mb['peak_rss_mb']:.0f}"
+                  f" mb_last_loss_delta={mb['last_loss'] - results['erpops']['last_loss']:+.4f}"
+                  f" micro_batch_tokens={args.micro_batch_tokens}")
     if peak and results["baseline"].get("params"):
         n = results["baseline"]["params"]
         for name, r in results.items():

@@ -21,6 +21,9 @@ OFFLINE_ENV = {
     "PREFECT_LOGGING_EXTRA_LOGGERS": "erpops,training,evaluation,registry,deployment,data_contracts",
     # stage functions also run outside flows (CLI, tests): their logs then stay local, without a warning
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    # the temporary server of a first `erpops run` creates its database; Prefect's 20 s were seen to run out
+    # on a slow 2-core machine
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
 
 

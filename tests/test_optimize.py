@@ -190,6 +190,7 @@ def test_failed_pruning_and_quantization_fall_back(tiny_model_dir, corpus, tmp_p
     assert names == ["merged_fp32", "pruned_wanda_30pct", "int8_torchao", "gguf_q8_0", "gguf_f16"]  # f16: the fallback
     assert all(v["perplexity"] > 0 for v in saved["variants"])
     assert saved["variants"][0]["tokens_per_s"] > 0 and saved["variants"][2]["memory_mb"] < saved["variants"][0]["memory_mb"]
+    assert saved["variants"][1]["tokens_per_s"] is None  # the pruned model runs as fast as the merged one: not timed
 
     lenient = strict.model_copy(update={"max_prune_ppl_ratio": 100.0, "max_quant_ppl_ratio": 100.0})
     result = optimize_model(lenient, tiny_model_dir, trained.adapter_dir, evals, tmp_path / "lenient", runtime,
