@@ -162,7 +162,8 @@ class OptimizeConfig(_Strict):
     """Save the accepted int8 model (HF config + quantized state dict) beside the merged model; `load_int8` reads it back."""
     gguf_types: list[Literal["f16", "q8_0"]] = ["q8_0"]
     """GGUF files to export with llama.cpp's converter and verify in every run. f16 need not be listed: it is
-    exported as the fallback only when `ship` fails its checks (listing it costs ~35 s on 2 CPU cores)."""
+    exported as the fallback only when `ship` fails its checks (listing it adds a conversion, a read-back and a
+    perplexity pass: 48 s of the default run on 2 AMX cores)."""
     ship: Literal["f16", "q8_0"] = "q8_0"
     """Which GGUF is deployed to Ollama and gated (q8_0 falls back to f16 when it fails its checks)."""
     verify_prompts: int = Field(16, ge=1)
