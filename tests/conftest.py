@@ -91,7 +91,8 @@ def mlflow_settings(tmp_path, monkeypatch):
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    # Prefect's default 30 s ran out in a rehearsal on a slow 2-core machine while both test workers were busy
+    with prefect_test_harness(server_startup_timeout=180):
         yield
 
 
