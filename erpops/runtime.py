@@ -24,6 +24,9 @@ OFFLINE_ENV = {
     # the temporary server of a first `erpops run` creates its database; Prefect's 20 s were seen to run out
     # on a slow 2-core machine
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    # transformers (5.x, with its `kernels` dependency) swaps layers for kernels it resolves on the Hub at every
+    # from_pretrained and model.train(); offline on a GPU that raised ("not available in the local cache")
+    "USE_HUB_KERNELS": "NO",
 }
 
 

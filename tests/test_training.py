@@ -49,6 +49,17 @@ def test_runtime_resolution_is_explicit():
     assert resolve_runtime("bf16").compute_dtype == "bfloat16"
 
 
+def test_models_load_without_hub_kernels(tiny_model_dir):
+    """With `kernels` installed, transformers resolves layer kernels on the Hub at from_pretrained and train();
+    offline that raised on a GPU (an H200, in bench/gpu_check.sh). Our processes switch it off."""
+    from erpops.config import LoraConfig
+    from training.lora import load_for_training
+
+    model, _ = load_for_training(tiny_model_dir, LoraConfig(r=2, alpha=4, target_modules=["q_proj"]), Runtime("cpu", "float32"))
+    model.train()
+    assert not model.get_base_model().use_kernels
+
+
 def test_lora_training_lowers_loss_changes_adapter_and_freezes_base(tiny_model_dir, corpus, tmp_path):
     from data_contracts.dataset import read_examples
     from data_contracts.validate import validate_data
@@ -64,6 +75,9 @@ def test_lora_training_lowers_loss_changes_adapter_and_freezes_base(tiny_model_d
     base_before = load_file(tiny_model_dir / "model.safetensors")
     result = train_lora(recipe, tiny_model_dir, read_examples(data.train_path), tmp_path, Runtime("cpu", "float32"))
     assert result.final_loss < result.first_loss - 0.05
+    assert len(result.step_seconds) == len(result.step_tokens) == 12
+    assert sum(result.step_tokens) == round(result.tokens_per_s * result.wall_s)
+    assert result.steady_tokens_per_s(2) == pytest.approx(sum(result.step_tokens[2:]) / sum(result.step_seconds[2:]))
     adapter = load_file(result.adapter_dir / "adapter_model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and all(torch.count_nonzero(v) > 0 for v in lora_b)  # B starts at zero: it moved
@@ -358,3 +372,28 @@ def test_gpu_check_builds_the_published_architectures(tokenizer):
     assert gpu_check.mfu(1000.0, 1_000_000_000, 1e15) == pytest.approx(0.004)  # 1000 tok/s x 4e9 FLOP / 1 PFLOP/s
     assert gpu_check.mfu(1000.0, 1, None) is None
     assert gpu_check.metric_key("qwen2.5-0.5b/gpu-qlora") == "qwen2_5_0_5b"
+
+
+def test_slim_wheel_drops_members_and_their_record_lines(tmp_path):
+    """bench/slim_wheel.py (the offline GPU bundle's bitsandbytes): dropped files leave RECORD too, so pip
+    installs the slimmed wheel without a missing-file entry; the rest is byte for byte the same."""
+    import importlib.util
+    import zipfile
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("slim_wheel", REPO / "bench" / "slim_wheel.py")
+    slim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(slim)
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    members = {"pkg/__init__.py": b"x = 1\n", "pkg/lib_cuda118.so": b"\0" * 64, "pkg/lib_cuda130.so": b"\1" * 64}
+    record = "".join(f"{name},sha256=abc,{len(data)}\n" for name, data in members.items()) + "pkg-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, data in {**members, "pkg-1.0.dist-info/RECORD": record.encode()}.items():
+            z.writestr(name, data)
+    assert slim.slim_wheel(wheel, r"pkg/lib_cuda11[0-9]\.so") == ["pkg/lib_cuda118.so"]
+    with zipfile.ZipFile(wheel) as z:
+        assert sorted(z.namelist()) == ["pkg-1.0.dist-info/RECORD", "pkg/__init__.py", "pkg/lib_cuda130.so"]
+        assert z.read("pkg/lib_cuda130.so") == members["pkg/lib_cuda130.so"]
+        assert "lib_cuda118" not in z.read("pkg-1.0.dist-info/RECORD").decode()
+        assert "lib_cuda130" in z.read("pkg-1.0.dist-info/RECORD").decode()

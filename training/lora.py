@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -39,6 +39,16 @@ class TrainResult:
     tokens_per_s: float
     """Real (non-pad) tokens processed per second of training."""
     wall_s: float
+    step_seconds: list[float] = field(default_factory=list)
+    """Wall seconds of each step this process ran (not those before a resume): the first ones carry warm-up."""
+    step_tokens: list[int] = field(default_factory=list)
+    """Real tokens of each of those steps (all ranks)."""
+
+    def steady_tokens_per_s(self, skip: int) -> float:
+        """Tokens/s over the steps after the first `skip` (kernel selection, allocator and cache warm-up);
+        all steps when there are no more than `skip`."""
+        skip = skip if len(self.step_seconds) > skip else 0
+        return sum(self.step_tokens[skip:]) / max(sum(self.step_seconds[skip:]), 1e-9)
 
 
 def seed_everything(seed: int) -> None:
@@ -51,7 +61,9 @@ def seed_everything(seed: int) -> None:
 
 
 def load_for_training(base: Path | str, lora: LoraConfig, runtime: Runtime, gradient_checkpointing: bool = False):
-    """Base model (fp32 weights, frozen) with LoRA adapters, and its tokenizer."""
+    """Base model (frozen) with LoRA adapters, and its tokenizer. The base is held in fp32 on the CPU, and in the
+    compute dtype on a GPU (bf16: half the memory and no weight cast in every forward; a frozen weight needs no fp32
+    master copy); QLoRA holds it in 4-bit. The LoRA weights are fp32 everywhere (peft upcasts adapters)."""
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -69,7 +81,8 @@ def load_for_training(base: Path | str, lora: LoraConfig, runtime: Runtime, grad
         model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map={"": 0})
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(runtime.device)
+        dtype = runtime.torch_dtype() if runtime.device == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(runtime.device)
     if gradient_checkpointing:  # recompute each layer's activations in backward: less memory, ~30% more compute
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -223,15 +236,16 @@ def train_lora(
         monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=5, tracking_uri=tracker.tracking_uri)
         monitor.start()
     try:
-        losses, real_tokens, wall = _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, tracker,
-                                          ckpt_root, done, losses, real_tokens, fingerprint, prior_wall, dist)
+        losses, real_tokens, wall, step_seconds, step_tokens = _loop(
+            model, tokenizer, optimizer, trainable, encoded, recipe, runtime, tracker, ckpt_root, done, losses,
+            real_tokens, fingerprint, prior_wall, dist)
     finally:
         if monitor:
             monitor.finish()
 
     adapter_dir = out_dir / "adapter"
     result = TrainResult(adapter_dir, len(losses), losses[0], sum(losses[-5:]) / len(losses[-5:]),
-                         real_tokens / max(wall, 1e-9), wall)
+                         real_tokens / max(wall, 1e-9), wall, step_seconds, step_tokens)
     if not dist.is_main:
         return result
     model.save_pretrained(adapter_dir)
@@ -248,11 +262,14 @@ def train_lora(
 def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, tracker, ckpt_root, done, losses, real_tokens,
           fingerprint, prior_wall, dist: Dist = SINGLE):
     """The optimisation steps from `done` to max_steps; returns (losses, real_tokens, wall seconds of
-    all steps, those before a resume included). Losses and token counts are global (all ranks)."""
+    all steps, those before a resume included, and the seconds and real tokens of each step run here).
+    Losses and token counts are global (all ranks)."""
     import torch
 
     cfg = recipe.train
     start = time.perf_counter()
+    step_seconds: list[float] = []
+    step_tokens: list[int] = []
     for step, batch in enumerate(batches(encoded, cfg.batch_size, cfg.max_steps, cfg.seed)):
         if step < done:  # replay the seeded data order up to the checkpoint, without computing
             continue
@@ -280,7 +297,9 @@ def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, trac
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        n_tokens = int(totals[1].item())
+        n_tokens = int(totals[1].item())  # .item() waits for the device: the step is over
+        step_seconds.append(time.perf_counter() - t0)
+        step_tokens.append(n_tokens)
         real_tokens += n_tokens
         value = totals[2].item() / totals[0].item()
         if not math.isfinite(value):
@@ -290,7 +309,7 @@ def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, trac
             tracker.log_metric("train/loss", value, step)
             tracker.log_metric("train/learning_rate", lr_at(step, cfg), step)
             tracker.log_metric("train/grad_norm", grad_norm, step)
-            tracker.log_metric("train/tokens_per_s", n_tokens / (time.perf_counter() - t0), step)
+            tracker.log_metric("train/tokens_per_s", n_tokens / step_seconds[-1], step)
         if step % 5 == 0 or step == cfg.max_steps - 1:
             log.info("step %d/%d loss %.4f lr %.2e", step + 1, cfg.max_steps, value, lr_at(step, cfg))
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
@@ -299,7 +318,7 @@ def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, trac
             if tracker:
                 tracker.flush()
     wall = prior_wall + time.perf_counter() - start
-    return losses, real_tokens, wall
+    return losses, real_tokens, wall, step_seconds, step_tokens
 
 
 def latest_checkpoint(root: Path) -> Path | None:
