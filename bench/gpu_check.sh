@@ -6,7 +6,7 @@
 #   bash bench/gpu_check.sh --steps 50      # arguments go to bench/gpu_check.py
 # A GPU machine with no network (no package index, no hub) runs on its own python3, which must have torch with
 # CUDA; what it lacks comes in a bundle that a connected machine with the full install prepares (no GPU needed):
-#   bash bench/gpu_check.sh --prepare       # here: .gpu-bundle/ = wheels + tokenizer + contract-checked data (~25 MB)
+#   bash bench/gpu_check.sh --prepare       # here: .gpu-bundle/ = wheels + tokenizer + contract-checked data (~50 MB)
 #   bash bench/gpu_check.sh --offline       # there, with .gpu-bundle/ copied beside the code
 set -euo pipefail
 cd "$(dirname "$0")/.."
