@@ -97,6 +97,11 @@ def build_model(recipe: str, tokenizer, out_dir: Path) -> Path:
     return out_dir
 
 
+def split_dir(root: Path, recipe: str) -> Path:
+    """Where a recipe's checked data lives under `root` (the bundle, or --out)."""
+    return root / "data" / recipe.replace("/", "-")
+
+
 def checked_split(recipe, tokenizer, out_dir: Path) -> Path:
     """The recipe's training split after its data contracts (Great Expectations) pass."""
     from data_contracts.validate import validate_data
@@ -110,8 +115,7 @@ def prepare(bundle: Path, recipes: list[str], tokenizer) -> None:
 
     tokenizer.save_pretrained(bundle / "tokenizer")
     for r in recipes:
-        recipe = load_recipe(REPO / "recipes" / f"{r}.yaml", {"model.path": str(bundle / "tokenizer")})
-        path = checked_split(recipe, tokenizer, bundle / "data" / r.replace("/", "-"))
+        path = checked_split(load_recipe(REPO / "recipes" / f"{r}.yaml"), tokenizer, split_dir(bundle, r))
         print(f"{r}: {sum(1 for _ in open(path, encoding='utf-8'))} training examples -> {path}")
 
 
@@ -195,8 +199,8 @@ def run_recipe(r: str, args, tokenizer, n_params: int, peak: float | None, out: 
                          {"model.path": str(model_dir), "train.max_steps": args.steps,
                           "train.warmup_steps": min(2, args.steps), "train.checkpoint_every": 10 ** 6,
                           "output_root": str(out / "runs")})
-    train_path = (Path(args.bundle) / "data" / r.replace("/", "-") / "train.jsonl" if args.bundle
-                  else checked_split(recipe, tokenizer, out / "data" / r.replace("/", "-")))
+    train_path = (split_dir(Path(args.bundle), r) / "train.jsonl" if args.bundle
+                  else checked_split(recipe, tokenizer, split_dir(out, r)))
     runtime = resolve_runtime(recipe.train.precision)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()

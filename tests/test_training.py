@@ -355,17 +355,23 @@ def test_training_in_micro_batches_takes_the_same_steps(tiny_model_dir, corpus, 
         torch.testing.assert_close(w_weights[k], m_weights[k], rtol=1e-4, atol=1e-6)
 
 
-def test_gpu_check_builds_the_published_architectures(tokenizer):
-    """bench/gpu_check.py trains models of the GPU recipes' shapes (no hub here): the shapes must be theirs.
-    SmolLM2-1.7B has 1.711B parameters; Qwen2.5-0.5B 494.0M, of which (151,936 - 49,152) x 896 are the
-    embedding rows SmolLM2's tokenizer does not need."""
+def bench_module(name: str):
+    """A script of bench/ (not a package) imported by path."""
     import importlib.util
 
     from conftest import REPO
 
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_builds_the_published_architectures(tokenizer):
+    """bench/gpu_check.py trains models of the GPU recipes' shapes (no hub here): the shapes must be theirs.
+    SmolLM2-1.7B has 1.711B parameters; Qwen2.5-0.5B 494.0M, of which (151,936 - 49,152) x 896 are the
+    embedding rows SmolLM2's tokenizer does not need."""
+    gpu_check = bench_module("gpu_check")
     n = {r: gpu_check.count_params(gpu_check.build_config(r, tokenizer)) for r in gpu_check.ARCHS}
     assert abs(n["smollm2-1.7b/gpu"] / 1.7114e9 - 1) < 0.002, n
     assert abs(n["qwen2.5-0.5b/gpu-qlora"] / (494.03e6 - (151_936 - 49_152) * 896) - 1) < 0.002, n
@@ -377,14 +383,9 @@ def test_gpu_check_builds_the_published_architectures(tokenizer):
 def test_slim_wheel_drops_members_and_their_record_lines(tmp_path):
     """bench/slim_wheel.py (the offline GPU bundle's bitsandbytes): dropped files leave RECORD too, so pip
     installs the slimmed wheel without a missing-file entry; the rest is byte for byte the same."""
-    import importlib.util
     import zipfile
 
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("slim_wheel", REPO / "bench" / "slim_wheel.py")
-    slim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(slim)
+    slim = bench_module("slim_wheel")
     wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
     members = {"pkg/__init__.py": b"x = 1\n", "pkg/lib_cuda118.so": b"\0" * 64, "pkg/lib_cuda130.so": b"\1" * 64}
     record = "".join(f"{name},sha256=abc,{len(data)}\n" for name, data in members.items()) + "pkg-1.0.dist-info/RECORD,,\n"
