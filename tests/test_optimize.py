@@ -383,7 +383,7 @@ def test_calibrated_prune_shares_one_statistic_between_linears_of_one_input(tiny
     assert seen[layer + "mlp.down_proj"] is not seen[layer + "mlp.gate_proj"]
 
 
-def test_calibration_runs_each_block_twice_per_sequence(tiny, monkeypatch):
+def test_calibration_runs_each_block_twice_per_batch(tiny, monkeypatch):
     """Block by block: once to collect the statistics, once more (pruned) to feed the next block. Capturing
     the first block's inputs runs no block at all, and leaves every block's own forward in place."""
     from collections import Counter
@@ -400,6 +400,24 @@ def test_calibration_runs_each_block_twice_per_sequence(tiny, monkeypatch):
 
     monkeypatch.setattr(cls, "forward", counted)
     calibration = [torch.randint(0, 250, (1, n)) for n in (12, 20, 7)]
-    sparsegpt_prune(tiny, 0.3, calibration)
-    assert runs == {i: 2 * len(calibration) for i in range(len(layers))}
+    sparsegpt_prune(tiny, 0.3, calibration, batch_size=2)  # two batches: (20, 12) and (7)
+    assert runs == {i: 2 * 2 for i in range(len(layers))}
     assert all("forward" not in vars(layer) for layer in layers)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_batched_calibration_prunes_as_one_sequence_at_a_time(tiny, method):
+    """Sequences of different lengths share a padded batch; the padding is left out of the statistics and
+    attends nowhere, so the pruned weights are those of one sequence at a time, up to rounding."""
+    from training.optimize import calibration_batches, prunable_linears, prune
+
+    gen = torch.Generator().manual_seed(0)
+    calibration = [torch.randint(0, 250, (1, n), generator=gen) for n in (12, 31, 7, 20, 16)]
+    ids, mask = calibration_batches(calibration, 3)[0]
+    assert ids.shape == (3, 31) and mask.sum(1).tolist() == [31, 20, 16]  # longest first: little padding
+    one, batched = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    prune(one, method, 0.3, calibration, batch_size=1)
+    prune(batched, method, 0.3, calibration, batch_size=3)
+    for (name, a), (_, b) in zip(prunable_linears(one), prunable_linears(batched)):
+        assert torch.equal(a.weight == 0, b.weight == 0), name
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5, msg=name)

@@ -166,7 +166,8 @@ def calibration_inputs(tokenizer, examples: list[dict], max_tokens: int) -> list
     return [torch.tensor([encode_example(tokenizer, e["messages"]).input_ids[:max_tokens]]) for e in examples]
 
 
-def wanda_prune(model, amount: float, calibration: list, runtime: Runtime | None = None) -> dict[str, float]:
+def wanda_prune(model, amount: float, calibration: list, runtime: Runtime | None = None,
+                batch_size: int = 8) -> dict[str, float]:
     """Wanda (Sun et al., 2024): in each output row of each decoder Linear, zero the `amount` share of
     weights with the smallest |W_ij| * ||X_j||, where ||X_j|| is the L2 norm of input feature j over the
     calibration tokens. Returns the achieved sparsity per layer."""
@@ -178,11 +179,11 @@ def wanda_prune(model, amount: float, calibration: list, runtime: Runtime | None
         if k:
             m.weight.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, 0.0)
 
-    return _calibrated_prune(model, calibration, "norms", prune_linear, runtime)
+    return _calibrated_prune(model, calibration, "norms", prune_linear, runtime, batch_size)
 
 
 def sparsegpt_prune(model, amount: float, calibration: list, block: int = 128, damp: float = 0.01,
-                    runtime: Runtime | None = None) -> dict[str, float]:
+                    runtime: Runtime | None = None, batch_size: int = 8) -> dict[str, float]:
     """SparseGPT (Frantar & Alistarh, 2023): prune with the inverse Hessian H = X^T X of each Linear's
     calibration inputs, and update the weights not pruned to make up for the ones that were (optimal
     brain surgeon, column by column; the mask is chosen per block of `block` columns by w^2 / [H^-1]_jj^2).
@@ -196,7 +197,7 @@ def sparsegpt_prune(model, amount: float, calibration: list, block: int = 128, d
         _, Hinv, dead = inverses[id(H)]
         m.weight.data.copy_(sparsegpt_weights(m.weight.data.double(), Hinv, dead, amount, block).to(m.weight.dtype))
 
-    return _calibrated_prune(model, calibration, "hessian", prune_linear, runtime)
+    return _calibrated_prune(model, calibration, "hessian", prune_linear, runtime, batch_size)
 
 
 def sparsegpt_weights(W, Hinv, dead, amount: float, block: int = 128):
@@ -237,18 +238,43 @@ def _damped_inverse(H, damp: float):
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
 
 
-def _calibrated_prune(model, calibration: list, stat: str, prune_linear, runtime: Runtime | None = None) -> dict[str, float]:
+def calibration_batches(calibration: list, batch_size: int) -> list[tuple]:
+    """(input_ids, attention_mask) of the calibration sequences (1 x T tensors), longest first, right-padded in
+    batches of `batch_size`: sequences of similar length share a batch, so little is padding."""
+    import torch
+
+    order = sorted(calibration, key=lambda ids: ids.shape[-1], reverse=True)
+    batches = []
+    for i in range(0, len(order), batch_size):
+        group = order[i:i + batch_size]
+        width = group[0].shape[-1]
+        ids = torch.zeros(len(group), width, dtype=group[0].dtype)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, seq in enumerate(group):
+            ids[row, :seq.shape[-1]] = seq.reshape(-1)
+            mask[row, :seq.shape[-1]] = 1
+        batches.append((ids, mask))
+    return batches
+
+
+def _calibrated_prune(model, calibration: list, stat: str, prune_linear, runtime: Runtime | None = None,
+                      batch_size: int = 8) -> dict[str, float]:
     """Prune decoder blocks one after another, as Wanda and SparseGPT do: each block's Linear layers are
     pruned from statistics of their inputs (`norms`: per-feature sum of squares; `hessian`: X^T X), and
-    those inputs come from the blocks before it, already pruned. With a bf16 `runtime` the blocks run under
-    its autocast (the statistics are still summed from fp32 products)."""
+    those inputs come from the blocks before it, already pruned. The calibration sequences run through a
+    block `batch_size` at a time (padded; padding positions are left out of the statistics, so the result
+    does not depend on the batch size beyond rounding). With a bf16 `runtime` the blocks run under its
+    autocast (the statistics are still summed from fp32 products)."""
     import torch
 
     layers = _decoder_layers(model)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model  # the LM head is not needed
     compute = (torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast) if runtime
                else contextlib.nullcontext())
-    captured: list[list] = [[] for _ in layers]  # per layer: (args, kwargs) of each calibration sequence
+    batches = [(ids.to(model.device), mask.to(model.device)) for ids, mask in calibration_batches(calibration, batch_size)]
+    # per batch: the positions that are not padding (flattened), or None where the batch has no padding
+    real = [None if bool(mask.all()) else mask.reshape(-1).bool() for _, mask in batches]
+    captured: list[list] = [[] for _ in layers]  # per layer: (args, kwargs) of each calibration batch
 
     def capture(i):
         def forward(*args, **kwargs):  # record the block's inputs and pass the hidden states through unchanged:
@@ -265,11 +291,17 @@ def _calibrated_prune(model, calibration: list, stat: str, prune_linear, runtime
     model.eval()
     try:
         with torch.no_grad(), compute:
-            for ids in calibration:
-                decoder(input_ids=ids.to(model.device), use_cache=False)
+            for ids, mask in batches:
+                decoder(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
         for layer in layers:
             del layer.forward
+
+    def run(layer, h, args, kwargs, keep):
+        out = _run_layer(layer, h, args, kwargs)
+        if keep is not None:  # padding positions are never attended to; zeros keep them finite block after block
+            out = out.masked_fill(~keep.reshape(out.shape[:-1])[..., None], 0.0)
+        return out
 
     sparsity: dict[str, float] = {}
     names = {id(m): n for n, m in model.named_modules()}
@@ -283,21 +315,23 @@ def _calibrated_prune(model, calibration: list, stat: str, prune_linear, runtime
 
             leader: dict[int, int] = {}  # q, k and v (gate and up) read one tensor: one statistic for all of them
             last: list = [None, None]  # (the input the previous Linear read, that Linear's id)
+            keep: list = [None]  # the running batch's real positions
 
             def accumulate(module, args):
                 if args[0] is last[0]:
                     leader.setdefault(id(module), last[1])
                     return
                 last[:] = [args[0], id(module)]
-                x = args[0].detach().reshape(-1, module.in_features).float()
+                x = args[0].detach().reshape(-1, module.in_features)
+                x = (x if keep[0] is None else x[keep[0]]).float()
                 with torch.autocast(x.device.type, enabled=False):  # fp32 products, as SparseGPT's code; fp64 sums
                     stats[id(module)] += (x.pow(2).sum(0) if stat == "norms" else x.T @ x).double()
 
             hs = [m.register_forward_pre_hook(accumulate) for m in linears]
             try:
                 with compute:
-                    for h, (args, kwargs) in zip(hidden, captured[i]):
-                        _run_layer(layer, h, args, kwargs)
+                    for h, (args, kwargs), keep[0] in zip(hidden, captured[i], real):
+                        run(layer, h, args, kwargs, keep[0])
             finally:
                 for h in hs:
                     h.remove()
@@ -308,7 +342,7 @@ def _calibrated_prune(model, calibration: list, stat: str, prune_linear, runtime
                 prune_linear(m, stats[id(m)])
                 sparsity[names[id(m)]] = float((m.weight == 0).float().mean())
             with compute:
-                hidden = [_run_layer(layer, h, args, kwargs) for h, (args, kwargs) in zip(hidden, captured[i])]
+                hidden = [run(layer, h, args, kwargs, k) for h, (args, kwargs), k in zip(hidden, captured[i], real)]
     return sparsity
 
 
@@ -331,17 +365,18 @@ def _run_layer(layer, hidden, args, kwargs):
 
 
 def prune(model, method: str, amount: float, calibration: list | None = None,
-          runtime: Runtime | None = None) -> dict[str, float]:
+          runtime: Runtime | None = None, batch_size: int = 8) -> dict[str, float]:
     """Prune `amount` of each decoder Linear's weights in place; wanda and sparsegpt calibrate on `calibration`
-    (token id tensors), running the blocks under `runtime`'s autocast when given. Returns the sparsity per layer."""
+    (token id tensors, `batch_size` at a time), running the blocks under `runtime`'s autocast when given.
+    Returns the sparsity per layer."""
     if method == "magnitude":
         return magnitude_prune(model, amount)
     if method in ("wanda", "sparsegpt"):
         if not calibration:
             raise ValueError(f"{method} pruning needs calibration examples from the training split")
         if method == "wanda":
-            return wanda_prune(model, amount, calibration, runtime)
-        return sparsegpt_prune(model, amount, calibration, runtime=runtime)
+            return wanda_prune(model, amount, calibration, runtime, batch_size)
+        return sparsegpt_prune(model, amount, calibration, runtime=runtime, batch_size=batch_size)
     raise ValueError(f"unknown pruning method {method!r}")
 
 
@@ -558,7 +593,8 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
             unpruned = copy.deepcopy(model)
             calibration = (calibration_inputs(tokenizer, (calibration_examples or [])[: cfg.calibration_examples],
                                               cfg.calibration_max_tokens) if cfg.prune_method != "magnitude" else None)
-            layer_sparsity = prune(model, cfg.prune_method, cfg.prune_amount, calibration, runtime)
+            layer_sparsity = prune(model, cfg.prune_method, cfg.prune_amount, calibration, runtime,
+                                   cfg.calibration_batch_size)
         # not timed: dense kernels multiply its zeros like any weight, so its speed and memory are the merged
         # model's (bench/optimize.py: 21.2 against 21.6 tok/s)
         pruned, pruned_scores = measured(f"pruned_{cfg.prune_method}_{round(cfg.prune_amount * 100)}pct", model, t0,
