@@ -78,7 +78,8 @@ def bare(recipe_path: Path, mlflow_yaml: Path) -> dict[str, float]:
                 run_dir, runtime, tracker, calibration_examples=train_rows)
     shipped = opt.gguf[opt.shipped]
     champion = fetch_champion(settings, run_dir / "champion")
-    result = timed("evaluate", evaluate_candidate, r.gate, shipped.path, eval_rows, champion, run_dir, runtime, tracker)
+    result = timed("evaluate", evaluate_candidate, r.gate, shipped.path, eval_rows, champion, run_dir, runtime, tracker,
+                   candidate_nll=shipped.example_nll)  # as the flow does
     promoted = timed("promote", promote_step, settings, tracker.run_id, shipped.path, opt.modelfile,
                      {"gguf_sha256": shipped.sha256, "gate_verdict": result.verdict.verdict}, result.verdict.passed, None)
     golden_path = r.data.root / "golden_queries.jsonl"

@@ -226,12 +226,18 @@ def evaluate(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     settings = _settings(mlflow_config)
     tracker = Tracker.start(settings, f"evaluate-{run_dir.name}", {"recipe.hash": r.digest()})
     decided = run_dir / "optimize.json"  # the optimize stage may have fallen back from the recipe's choice
-    shipped = json.loads(decided.read_text()).get("shipped", r.optimize.ship) if decided.exists() else r.optimize.ship
+    optimized = json.loads(decided.read_text()) if decided.exists() else {}
+    shipped = optimized.get("shipped", r.optimize.ship)
     gguf = run_dir / "gguf" / f"model-{shipped}.gguf"
+    export = optimized.get("gguf", {}).get(shipped, {})
+    from training.gguf import sha256_file
+
+    # the optimize stage's per-example scores of this very file (not of one written over it since)
+    scores = export.get("example_nll") if export.get("sha256") and gguf.is_file() and export["sha256"] == sha256_file(gguf) else None
     try:
         result = evaluate_candidate(r.gate, gguf, read_examples(run_dir / "data" / "eval.jsonl"),
                                     fetch_champion(settings, run_dir / "champion"), run_dir, resolve_runtime(r.train.precision),
-                                    tracker)
+                                    tracker, candidate_nll=scores)
     except BaseException:
         tracker.end("FAILED")
         raise

@@ -18,7 +18,7 @@ from erpops.device import Runtime
 from erpops.tracking import Tracker, write_json
 from evaluation.answer_scores import METRICS_DIR, load_metric, score_answers  # noqa: F401 (re-exported)
 from evaluation.gates import GateVerdict, decide
-from evaluation.scoring import generate_answers, reference_answer, response_nll
+from evaluation.scoring import NLL, generate_answers, reference_answer, response_nll
 from registry.champion import ChampionModel
 from training.gguf import load_gguf_model  # noqa: F401 (re-exported: bench/eval_throughput.py)
 
@@ -35,8 +35,18 @@ class EvalResult:
     """gate_report.html, the page users open from the MLflow UI (artifacts > evaluation)."""
 
 
-def score_model(model, tokenizer, examples: list[dict], cfg: GateConfig, runtime: Runtime) -> tuple[dict[str, float], list[dict]]:
+def known_nll(scores: dict[str, list[float]] | None, examples: list[dict]) -> NLL | None:
+    """The response NLL of `examples` from scores already taken on the same model file (per example id:
+    [summed NLL, tokens], training.gguf.GGUFExport.example_nll); None when any example is missing."""
+    if not scores or any(e.get("id") not in scores for e in examples):
+        return None
+    return NLL([float(scores[e["id"]][0]) for e in examples], [int(scores[e["id"]][1]) for e in examples])
+
+
+def score_model(model, tokenizer, examples: list[dict], cfg: GateConfig, runtime: Runtime,
+                nll_scores: dict[str, list[float]] | None = None) -> tuple[dict[str, float], list[dict]]:
     """Score greedy answers and reference likelihood; measure speed and latency. Returns (metrics, rows).
+    `nll_scores`: this model's per-example NLL already taken (see `known_nll`): reused, not recomputed.
 
     metrics: rouge_l, exact_match, keyword_coverage, language_agreement (means over examples);
     perplexity and nll (token-weighted over all assistant turns; nll = log perplexity, nats per token);
@@ -60,7 +70,7 @@ def score_model(model, tokenizer, examples: list[dict], cfg: GateConfig, runtime
     questions = [question_text(e) for e in examples]
     references = [reference_answer(e) for e in examples]
     means, per_example = score_answers(answers, references, questions)
-    nll = response_nll(model, tokenizer, examples, runtime)
+    nll = known_nll(nll_scores, examples) or response_nll(model, tokenizer, examples, runtime)
     ppl = load_metric("perplexity").compute(nll=nll.nll, n_tokens=nll.tokens)
     new_tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
 
@@ -84,15 +94,21 @@ def score_model(model, tokenizer, examples: list[dict], cfg: GateConfig, runtime
 
 
 def evaluate_candidate(cfg: GateConfig, gguf_path: Path, eval_examples: list[dict], champion: ChampionModel | None,
-                       out_dir: Path, runtime: Runtime, tracker: Tracker | None = None) -> EvalResult:
+                       out_dir: Path, runtime: Runtime, tracker: Tracker | None = None,
+                       candidate_nll: dict[str, list[float]] | None = None) -> EvalResult:
     """Score the candidate GGUF and, when there is a champion, the champion's GGUF on the same examples;
-    gate with `evaluation.gates.decide` (paired bootstrap) and write the JSON and HTML gate reports."""
+    gate with `evaluation.gates.decide` (paired bootstrap) and write the JSON and HTML gate reports.
+    `candidate_nll`: the candidate file's per-example response NLL from the optimize stage
+    (GGUFExport.example_nll); where it covers every example, the perplexity pass is not run again."""
     from evaluation.gate_report import render_gate_report
 
     examples = sorted(eval_examples, key=lambda e: e["id"])[: cfg.max_examples]
     if not examples:
         raise ValueError("the eval split is empty: nothing to gate on")
-    metrics, rows = _score_gguf(gguf_path, examples, cfg, runtime)
+    reused = known_nll(candidate_nll, examples) is not None
+    if reused:
+        log.info("eval: the candidate's perplexity comes from the optimize stage's pass over the same file")
+    metrics, rows = _score_gguf(gguf_path, examples, cfg, runtime, candidate_nll)
     champion_metrics, champion_rows = None, None
     if champion is not None:
         if champion.gguf is not None:
@@ -104,6 +120,7 @@ def evaluate_candidate(cfg: GateConfig, gguf_path: Path, eval_examples: list[dic
     for r in verdict.reasons:
         log.info("  gate: %s", r)
     report = {"model": str(gguf_path), "champion_version": champion.version if champion else None, "metrics": metrics,
+              "perplexity_from": "optimize" if reused else "evaluate",
               "champion_metrics": champion_metrics, "gate": verdict.to_dict(), "examples": rows,
               "champion_examples": champion_rows}
     path = write_json(out_dir / "eval_report.json", report)
@@ -122,9 +139,10 @@ def evaluate_candidate(cfg: GateConfig, gguf_path: Path, eval_examples: list[dic
     return EvalResult(metrics, verdict, path, html)
 
 
-def _score_gguf(gguf_path: Path, examples: list[dict], cfg: GateConfig, runtime: Runtime) -> tuple[dict[str, float], list[dict]]:
+def _score_gguf(gguf_path: Path, examples: list[dict], cfg: GateConfig, runtime: Runtime,
+                nll_scores: dict[str, list[float]] | None = None) -> tuple[dict[str, float], list[dict]]:
     model, tokenizer = load_gguf_model(gguf_path)
     model.to(runtime.device)
-    metrics, rows = score_model(model, tokenizer, examples, cfg, runtime)
+    metrics, rows = score_model(model, tokenizer, examples, cfg, runtime, nll_scores)
     metrics["size_mb"] = gguf_path.stat().st_size / 1e6
     return metrics, rows

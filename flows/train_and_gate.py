@@ -139,7 +139,7 @@ def _run_stages(recipe, settings, runtime, run_dir, tracker, summary, commit, ca
     with summary.stage("evaluate") as s:
         champion = steps.champion_task(settings, run_dir / "champion")
         result = _call(steps.evaluate_task.with_options(**opts), s, recipe.gate, shipped.path, eval_examples, champion,
-                       run_dir, runtime, tracker)
+                       run_dir, runtime, tracker, candidate_nll=shipped.example_nll)
         headline = {k: v for k, v in result.metrics.items() if not k.startswith("module/")}  # per module: MLflow only
         s.outputs = {"metrics": headline,
                      "verdict": result.verdict.verdict, "reasons": result.verdict.reasons,

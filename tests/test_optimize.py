@@ -80,10 +80,10 @@ def test_gguf_export_reads_back_and_agrees(tiny, tiny_model_dir, tmp_path):
     from training.optimize import choose_gguf
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    examples = [{"messages": [{"role": "user", "content": "재고 이동은 어떻게 하나요?"},
-                              {"role": "assistant", "content": "재고 이동 화면에서 창고를 고르고 수량을 입력합니다."}]},
-                {"messages": [{"role": "user", "content": "How do I post a journal entry?"},
-                              {"role": "assistant", "content": "Open General Ledger, enter the lines and post."}]}]
+    examples = [{"id": "ko", "messages": [{"role": "user", "content": "재고 이동은 어떻게 하나요?"},
+                                          {"role": "assistant", "content": "재고 이동 화면에서 창고를 고르고 수량을 입력합니다."}]},
+                {"id": "en", "messages": [{"role": "user", "content": "How do I post a journal entry?"},
+                                          {"role": "assistant", "content": "Open General Ledger, enter the lines and post."}]}]
     runtime = Runtime("cpu", "float32")
     reference = response_nll(tiny, tok, examples, runtime, top_tokens=True)
     clock = PhaseClock()
@@ -91,6 +91,15 @@ def test_gguf_export_reads_back_and_agrees(tiny, tiny_model_dir, tmp_path):
     assert g.path.is_file() and g.tokenizer_match and g.agreement >= 0.95 and len(g.sha256) == 64
     assert abs(g.perplexity / reference.perplexity - 1) < 0.01  # f16 of an fp32 model: the same scores
     assert {"gguf_convert_f16", "gguf_load_f16", "gguf_score_f16"} <= set(clock)
+    # the per-example scores the gate reuses are what the evaluate stage computes from the file itself
+    from evaluation.evaluate import known_nll
+    from training.gguf import load_gguf_model
+
+    model, gguf_tok = load_gguf_model(g.path)
+    fresh, reused = response_nll(model, gguf_tok, examples, runtime), known_nll(g.example_nll, examples)
+    assert reused.tokens == fresh.tokens and reused.perplexity == pytest.approx(g.perplexity)
+    assert reused.nll == pytest.approx(fresh.nll, rel=1e-5)
+    assert known_nll(g.example_nll, examples + [{"id": "unscored", "messages": []}]) is None  # all or nothing
     strict = export_and_verify(tiny_model_dir, tok, tmp_path / "strict", ["f16"], examples, reference, {"f16": 1.01})["f16"]
     assert not strict.passed and "agreement" in strict.problem
     kind, why = choose_gguf("f16", {"f16": strict}, reference.perplexity, 1.02)

@@ -88,6 +88,13 @@ def test_whole_pipeline_then_bad_data_changes_nothing(prefect_harness, tmp_path,
         artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
         assert {"run_summary.json", "adapter", "data_contracts"} <= artifacts
 
+        # the gate took the candidate's perplexity from the optimize stage's pass over the same file
+        report = json.loads(Path(summary["stages"][3]["outputs"]["report"]).read_text())
+        optimized = summary["stages"][2]["outputs"]
+        shipped = next(v for v in optimized["variants"] if v["name"] == f"gguf_{optimized['shipped']}")
+        assert report["perplexity_from"] == "optimize"
+        assert report["metrics"]["perplexity"] == pytest.approx(shipped["perplexity"])
+
         # the GGUF that shipped loads back in transformers
         gguf = Path(out["gguf_q8_0"])
         assert AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name) is not None

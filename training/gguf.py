@@ -36,6 +36,11 @@ class GGUFExport:
     passed: bool = True
     """Agreement at or above the recipe floor and identical tokenizer ids."""
     problem: str = ""
+    example_nll: dict[str, list[float]] | None = None
+    """Per held-out example id: [summed NLL of its assistant tokens, how many], from the forward that measured
+    `perplexity`. Kept only where the file's own tokenizer encodes every example (chat template, ids, labels)
+    exactly as the HF tokenizer did, so that it is what the evaluate stage would compute from this file: the
+    gate reuses it instead of a second pass. None otherwise."""
 
 
 class GGUFVerificationError(RuntimeError):
@@ -134,6 +139,7 @@ def export_and_verify(hf_dir: Path, tokenizer, out_dir: Path, kinds: list[str], 
         with clock(f"gguf_tokenizer_{kind}"):
             tok_match = all(tokenizer(t, add_special_tokens=False)["input_ids"] == back_tok(t, add_special_tokens=False)["input_ids"]
                             for t in texts)
+            same_encoding = tok_match and _same_encodings(tokenizer, back_tok, eval_examples)
         with clock(f"gguf_score_{kind}"):  # perplexity and next-token agreement from one forward
             scored = response_nll(back.to(runtime.device), tokenizer, eval_examples, runtime, top_tokens=True)
             agreement = top_token_agreement(reference, scored)
@@ -142,13 +148,26 @@ def export_and_verify(hf_dir: Path, tokenizer, out_dir: Path, kinds: list[str], 
         problem = "" if agreement >= floor and tok_match else (
             f"{path.name}: top-token agreement {agreement:.3f} (floor {floor}), tokenizer ids "
             f"{'match' if tok_match else 'differ'}: the export does not reproduce the model")
+        by_id = ({e["id"]: [n, c] for e, n, c in zip(eval_examples, scored.nll, scored.tokens)}
+                 if same_encoding and all("id" in e for e in eval_examples) else None)
         exports[kind] = GGUFExport(kind, path, path.stat().st_size / 1e6, sha256_file(path), agreement, tok_match,
-                                   ppl, not problem, problem)
+                                   ppl, not problem, problem, by_id)
         log.info("GGUF %s: %.1f MB, top-token agreement %.3f, tokenizer ids %s, perplexity %.3f%s", kind,
                  exports[kind].size_mb, agreement, "match" if tok_match else "DIFFER", ppl,
                  f" -- FAILED: {problem}" if problem else "")
         del back
     return exports
+
+
+def _same_encodings(tokenizer, other, examples: list[dict]) -> bool:
+    """Whether two tokenizers render and label every example identically (training.data.encode_example)."""
+    from training.data import encode_example
+
+    try:
+        return all(encode_example(tokenizer, e["messages"]) == encode_example(other, e["messages"]) for e in examples)
+    except Exception as e:  # e.g. a tokenizer without a chat template or offsets: not the same
+        log.info("GGUF tokenizer cannot encode the examples as the HF tokenizer does: %s", e)
+        return False
 
 
 def load_gguf_model(gguf_path: Path):
