@@ -44,9 +44,9 @@ def known_nll(scores: dict[str, list[float]] | None, examples: list[dict]) -> NL
 
 
 def score_model(model, tokenizer, examples: list[dict], cfg: GateConfig, runtime: Runtime,
-                nll_scores: dict[str, list[float]] | None = None) -> tuple[dict[str, float], list[dict]]:
+                nll: NLL | None = None) -> tuple[dict[str, float], list[dict]]:
     """Score greedy answers and reference likelihood; measure speed and latency. Returns (metrics, rows).
-    `nll_scores`: this model's per-example NLL already taken (see `known_nll`): reused, not recomputed.
+    `nll`: this model's response NLL on `examples` already taken (see `known_nll`): used, not recomputed.
 
     metrics: rouge_l, exact_match, keyword_coverage, language_agreement (means over examples);
     perplexity and nll (token-weighted over all assistant turns; nll = log perplexity, nats per token);
@@ -70,7 +70,7 @@ def score_model(model, tokenizer, examples: list[dict], cfg: GateConfig, runtime
     questions = [question_text(e) for e in examples]
     references = [reference_answer(e) for e in examples]
     means, per_example = score_answers(answers, references, questions)
-    nll = known_nll(nll_scores, examples) or response_nll(model, tokenizer, examples, runtime)
+    nll = nll if nll is not None else response_nll(model, tokenizer, examples, runtime)
     ppl = load_metric("perplexity").compute(nll=nll.nll, n_tokens=nll.tokens)
     new_tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
 
@@ -105,10 +105,10 @@ def evaluate_candidate(cfg: GateConfig, gguf_path: Path, eval_examples: list[dic
     examples = sorted(eval_examples, key=lambda e: e["id"])[: cfg.max_examples]
     if not examples:
         raise ValueError("the eval split is empty: nothing to gate on")
-    reused = known_nll(candidate_nll, examples) is not None
-    if reused:
+    known = known_nll(candidate_nll, examples)
+    if known is not None:
         log.info("eval: the candidate's perplexity comes from the optimize stage's pass over the same file")
-    metrics, rows = _score_gguf(gguf_path, examples, cfg, runtime, candidate_nll)
+    metrics, rows = _score_gguf(gguf_path, examples, cfg, runtime, known)
     champion_metrics, champion_rows = None, None
     if champion is not None:
         if champion.gguf is not None:
@@ -120,7 +120,7 @@ def evaluate_candidate(cfg: GateConfig, gguf_path: Path, eval_examples: list[dic
     for r in verdict.reasons:
         log.info("  gate: %s", r)
     report = {"model": str(gguf_path), "champion_version": champion.version if champion else None, "metrics": metrics,
-              "perplexity_from": "optimize" if reused else "evaluate",
+              "perplexity_from": "optimize" if known is not None else "evaluate",
               "champion_metrics": champion_metrics, "gate": verdict.to_dict(), "examples": rows,
               "champion_examples": champion_rows}
     path = write_json(out_dir / "eval_report.json", report)
@@ -140,9 +140,9 @@ def evaluate_candidate(cfg: GateConfig, gguf_path: Path, eval_examples: list[dic
 
 
 def _score_gguf(gguf_path: Path, examples: list[dict], cfg: GateConfig, runtime: Runtime,
-                nll_scores: dict[str, list[float]] | None = None) -> tuple[dict[str, float], list[dict]]:
+                nll: NLL | None = None) -> tuple[dict[str, float], list[dict]]:
     model, tokenizer = load_gguf_model(gguf_path)
     model.to(runtime.device)
-    metrics, rows = score_model(model, tokenizer, examples, cfg, runtime, nll_scores)
+    metrics, rows = score_model(model, tokenizer, examples, cfg, runtime, nll)
     metrics["size_mb"] = gguf_path.stat().st_size / 1e6
     return metrics, rows

@@ -331,7 +331,7 @@ def _calibrated_prune(model, calibration: list, stat: str, prune_linear, runtime
             try:
                 with compute:
                     for h, (args, kwargs), keep[0] in zip(hidden, captured[i], real):
-                        run(layer, h, args, kwargs, keep[0])
+                        _run_layer(layer, h, args, kwargs)  # for the statistics only: the output is not kept
             finally:
                 for h in hs:
                     h.remove()
