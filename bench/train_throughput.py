@@ -3,14 +3,16 @@ hyperparameters.
 
     .venv/bin/python bench/train_throughput.py                 # SmolLM2-135M, 10 steps each
     .venv/bin/python bench/train_throughput.py --steps 20 --model tiny
-    .venv/bin/python bench/train_throughput.py --steps 5 --only erpops-mb    # baseline, erpops, erpops-mb
+    .venv/bin/python bench/train_throughput.py --steps 5 --only erpops-plain    # baseline, erpops, erpops-plain
 
 (a) baseline: `transformers.Trainer` + peft LoRA, batches padded to the longest, the model's own loss;
-(b) erpops: training.lora.train_lora (packed padding-free rows, vocabulary projection only at
-    assistant positions, length-grouped batches);
-(c) erpops-gc: (b) with gradient checkpointing (train.gradient_checkpointing), a memory-saving option;
-(d) erpops-mb: (b) in micro-batches of --micro-batch-tokens (train.micro_batch_tokens): the same gradient,
-    activation memory bound by the micro-batch.
+(b) erpops: training.lora.train_lora as the recipe sets it (the default: micro-batches of 1024 tokens, each one
+    unpadded row with attention per example, vocabulary projection only at assistant positions, length-grouped
+    batches, and on the CPU cheaper dropout masks and bf16-held frozen weights: train.fast_paths);
+(c) erpops-plain: (b) with train.fast_paths off (rows of max_seq_len with transformers' block-diagonal mask,
+    peft's own dropout, fp32 weights cast by autocast): what the fast paths add;
+(d) erpops-whole: (b) with the whole batch at once (no micro-batches): micro-batching's cost or gain;
+(e) erpops-gc: (b) with gradient checkpointing (train.gradient_checkpointing), a memory-saving option.
 Both use the recipe's LoRA settings, batch size, learning rate, warm-up, seed and precision. Tokens/s
 counts real (non-pad) tokens. Each variant runs in its own process so peak memory is its own.
 Prints a table and, as its last line, name=value pairs. On a GPU it also prints MFU.
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("baseline", "erpops", "erpops-gc", "erpops-mb")
+VARIANTS = ("baseline", "erpops", "erpops-plain", "erpops-whole", "erpops-gc")
 sys.path.insert(0, str(REPO))
 
 
@@ -97,11 +99,15 @@ def run_erpops(args) -> dict:
 
     recipe, base, examples, runtime, out = _setup(args)
     update = {"checkpoint_every": 0, "gradient_checkpointing": args.variant == "erpops-gc",
-              "micro_batch_tokens": args.micro_batch_tokens if args.variant == "erpops-mb" else None}
+              "fast_paths": args.variant != "erpops-plain"}
+    if args.variant == "erpops-whole":
+        update["micro_batch_tokens"] = None
+    elif args.micro_batch_tokens:
+        update["micro_batch_tokens"] = args.micro_batch_tokens
     recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update=update)})
     r = train_lora(recipe, base, examples, out / args.variant, runtime)
     return {"tokens_per_s": r.tokens_per_s, "wall_s": r.wall_s, "real_tokens": round(r.tokens_per_s * r.wall_s),
-            "first_loss": r.first_loss, "last_loss": r.final_loss}
+            "first_loss": r.first_loss, "last_loss": r.final_loss, "micro_batch_tokens": recipe.train.micro_batch_tokens}
 
 
 def peak_flops(device: str) -> float | None:
@@ -120,7 +126,7 @@ def main() -> None:
     ap.add_argument("--model", choices=["recipe", "tiny"], default="recipe")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=str(REPO / ".erpops" / "bench" / "train"))
-    ap.add_argument("--micro-batch-tokens", type=int, default=1024)
+    ap.add_argument("--micro-batch-tokens", type=int, default=0, help="override train.micro_batch_tokens (0: the recipe's)")
     ap.add_argument("--only", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                     help="variants to run (baseline and erpops are always run: the ratio needs both)")
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -146,22 +152,23 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = peak_flops(device)
-    print(f"{'variant':<11}{'tok/s':>10}{'wall s':>9}{'real tokens':>13}{'first loss':>12}{'last loss':>11}{'peak RSS MB':>13}")
+    print(f"{'variant':<13}{'tok/s':>10}{'wall s':>9}{'real tokens':>13}{'first loss':>12}{'last loss':>11}{'peak RSS MB':>13}")
     for name, r in results.items():
-        print(f"{name:<11}{r['tokens_per_s']:>10.1f}{r['wall_s']:>9.1f}{r['real_tokens']:>13}{r['first_loss']:>12.3f}"
+        print(f"{name:<13}{r['tokens_per_s']:>10.1f}{r['wall_s']:>9.1f}{r['real_tokens']:>13}{r['first_loss']:>12.3f}"
               f"{r['last_loss']:>11.3f}{r['peak_rss_mb']:>13.0f}")
     ratio = results["erpops"]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
     pairs = (f"ratio={ratio:.2f} baseline_tokens_per_s={results['baseline']['tokens_per_s']:.1f} "
              f"erpops_tokens_per_s={results['erpops']['tokens_per_s']:.1f} "
              f"baseline_peak_rss_mb={results['baseline']['peak_rss_mb']:.0f} erpops_peak_rss_mb={results['erpops']['peak_rss_mb']:.0f}")
-    if "erpops-gc" in results:
-        gc = results["erpops-gc"]
-        pairs += f" gc_tokens_per_s={gc['tokens_per_s']:.1f} gc_peak_rss_mb={gc['peak_rss_mb']:.0f}"
-    if "erpops-mb" in results:
-        mb = results["erpops-mb"]
-        pairs += (f" mb_tokens_per_s={mb['tokens_per_s']:.1f} mb_peak_rss_mb={mb['peak_rss_mb']:.0f}"
-                  f" mb_last_loss_delta={mb['last_loss'] - results['erpops']['last_loss']:+.4f}"
-                  f" micro_batch_tokens={args.micro_batch_tokens}")
+    erp = results["erpops"]
+    pairs += f" micro_batch_tokens={erp['micro_batch_tokens']}"
+    for name, key in (("erpops-plain", "plain"), ("erpops-whole", "whole"), ("erpops-gc", "gc")):
+        if name in results:
+            r = results[name]
+            pairs += (f" {key}_tokens_per_s={r['tokens_per_s']:.1f} {key}_peak_rss_mb={r['peak_rss_mb']:.0f}"
+                      f" {key}_last_loss_delta={r['last_loss'] - erp['last_loss']:+.4f}")
+    if "erpops-plain" in results:
+        pairs += f" fast_paths_speedup={erp['tokens_per_s'] / results['erpops-plain']['tokens_per_s']:.2f}"
     if peak and results["baseline"].get("params"):
         n = results["baseline"]["params"]
         for name, r in results.items():

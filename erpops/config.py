@@ -123,7 +123,13 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     """Newest checkpoints kept on disk."""
     packing: bool = True
-    """Padding-free batches: examples packed into rows of up to data.max_seq_len tokens (block-diagonal attention)."""
+    """Padding-free batches, examples never attending to each other: with `fast_paths` (on models that run SDPA)
+    each micro-batch is one unpadded row and attention runs per example; else rows of up to data.max_seq_len
+    tokens with the block-diagonal mask transformers builds from the restarting position_ids."""
+    fast_paths: bool = True
+    """The same computation done cheaper (`training.lora.fast_paths`): per-example attention over unpadded rows;
+    on the CPU, LoRA dropout masks from random bits and, under bf16 autocast, the frozen decoder weights held in
+    bf16. False: plain transformers + peft (what `bench/train_throughput.py` measures them against)."""
     gradient_checkpointing: bool = False
     """Recompute layer activations in the backward pass: much less activation memory for about a third more compute."""
     micro_batch_tokens: int | None = Field(None, ge=16)

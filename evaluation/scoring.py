@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from erpops.device import Runtime
-from training.data import encode_example, pad_batch, prompt_text, stop_token_ids
+from training.data import IGNORE_INDEX, encode_example, pack_flat, pad_batch, prompt_text, stop_token_ids, to_device
+from training.packed_attention import packed_attention
 
 
 @dataclass
@@ -44,22 +45,25 @@ def response_nll(model, tokenizer, examples: list[dict], runtime: Runtime, batch
     encoded = [encode_example(tokenizer, e["messages"]) for e in examples]
     # batches of similar length pad less (a third less time on the eval split); results keep the input order
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-    nll, counts = [0.0] * len(encoded), [0] * len(encoded)
+    counts = [sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in encoded]
+    nll = [0.0] * len(encoded)
     top: list = [None] * len(encoded)
-    with torch.no_grad():
+    # where the model runs SDPA, each batch is one unpadded row with attention per example
+    with torch.no_grad(), packed_attention(model) as flat:
         for i in range(0, len(order), batch_size):
             members = order[i:i + batch_size]
-            batch = {k: v.to(runtime.device) for k, v in pad_batch([encoded[j] for j in members], tokenizer.pad_token_id).items()}
+            rows = [encoded[j] for j in members]
+            batch = pack_flat(rows) if flat else pad_batch(rows, tokenizer.pad_token_id)
+            batch = to_device(batch, runtime.device)
             with torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast):
-                logits, targets, keep = labelled_logits(model, **batch)
+                logits, targets, _ = labelled_logits(model, **batch)
+            # scored positions come in example order, each example's as one contiguous run
+            sizes = [counts[j] for j in members]
             token_nll = F.cross_entropy(logits, targets, reduction="none")
-            rows = keep.nonzero()[:, 0]
-            per_example = torch.zeros(keep.shape[0], device=token_nll.device).index_add_(0, rows, token_nll)
-            row_counts = keep.sum(dim=1).tolist()
-            for j, value, count in zip(members, per_example.tolist(), row_counts):
-                nll[j], counts[j] = value, count
-            if top_tokens:  # kept positions are in row-major order: each example's are one contiguous run
-                for j, part in zip(members, logits.argmax(-1).cpu().split(row_counts)):
+            for j, value in zip(members, torch.stack([p.sum() for p in token_nll.split(sizes)]).tolist()):
+                nll[j] = value
+            if top_tokens:
+                for j, part in zip(members, logits.argmax(-1).cpu().split(sizes)):
                     top[j] = part
     return NLL(nll, counts, top if top_tokens else None)
 

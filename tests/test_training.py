@@ -275,6 +275,21 @@ def test_gemma3_recipe_trains_offline(tmp_path, corpus):
     result = train_lora(recipe, base, read_examples(data.train_path)[:12], tmp_path, Runtime("cpu", "float32"))
     assert result.steps == 3 and math.isfinite(result.final_loss)
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    # per-example attention on one unpadded row (sliding-window and global layers alike) gives the padded loss
+    from transformers import AutoModelForCausalLM
+
+    from training.data import encode_example, pack_flat, pad_batch
+    from training.lora import assistant_token_loss
+    from training.packed_attention import packed_attention
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    rows = [encode_example(tok, e["messages"]) for e in read_examples(data.train_path)[:3]]
+    with torch.no_grad():
+        padded = assistant_token_loss(model, **pad_batch(rows, tok.pad_token_id))
+        with packed_attention(model) as flat:
+            packed = assistant_token_loss(model, **pack_flat(rows))
+    assert flat and model.config._attn_implementation == "sdpa"  # switched for the block, restored after
+    torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-4)
 
 
 def test_a_checkpoint_of_another_recipe_is_not_resumed(tiny_model_dir, corpus, tmp_path):

@@ -121,3 +121,22 @@ def pack_batch(batch: list[Encoded], pad_id: int, max_len: int):
             pos[r, at:at + n] = torch.arange(n)
             at += n
     return {"input_ids": ids, "position_ids": pos, "labels": labels}
+
+
+def to_device(batch: dict, device) -> dict:
+    """A collated batch's tensors on `device` (the `doc_lengths` tuple of `pack_flat` as it is)."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def pack_flat(batch: list[Encoded]):
+    """The whole batch as one row with no padding at all: examples back to back, position_ids restarting at
+    each, and `doc_lengths` (their lengths, in order) for `training.packed_attention`, which attends within
+    each example only. Labels as in `pack_batch`."""
+    import torch
+
+    ids = torch.tensor([t for e in batch for t in e.input_ids], dtype=torch.long)[None]
+    labels = torch.tensor([IGNORE_INDEX if i == 0 else t for e in batch for i, t in enumerate(e.labels)],
+                          dtype=torch.long)[None]
+    pos = torch.cat([torch.arange(len(e.input_ids)) for e in batch])[None]
+    return {"input_ids": ids, "position_ids": pos, "labels": labels,
+            "doc_lengths": tuple(len(e.input_ids) for e in batch)}

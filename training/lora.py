@@ -24,7 +24,7 @@ from erpops.config import LoraConfig, Recipe, TrainConfig
 from erpops.device import Runtime
 from erpops.distributed import SINGLE, Dist
 from erpops.tracking import Tracker
-from training.data import Encoded, encode_example, pack_batch, pad_batch
+from training.data import Encoded, encode_example, pack_batch, pack_flat, pad_batch, to_device
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,36 @@ def load_for_training(base: Path | str, lora: LoraConfig, runtime: Runtime, grad
     return get_peft_model(model, peft_cfg), tokenizer
 
 
+def fast_paths(model, runtime: Runtime, packing: bool) -> dict[str, bool | int]:
+    """What the training loop switches on beyond plain peft, each the same computation done cheaper:
+    - with `packing`, attention within each conversation of an unpadded row (`training.packed_attention`,
+      where the model runs SDPA);
+    - on the CPU, LoRA dropout masks from random bits (`training.fast_dropout`; CUDA's fused dropout is cheap);
+    - on the CPU under bf16 autocast, the frozen Linear weights of the decoder held in bf16: autocast rounds
+      them to bf16 for every matrix product anyway (the same rounding, so the same products), and a frozen
+      weight needs no fp32 master copy; no cast per forward and half their memory. The tied embedding
+      stays fp32 (lookups are not autocast).
+    Returns which are on (dropout and weights: how many layers)."""
+    import torch
+
+    from training import fast_dropout
+    from training.packed_attention import use_packed_attention
+
+    on = {"packed_attention": bool(packing and use_packed_attention(model)), "bits_dropout": 0, "bf16_frozen": 0}
+    if runtime.device != "cpu":
+        return on
+    on["bits_dropout"] = fast_dropout.install(model)
+    if runtime.autocast and runtime.torch_dtype() == torch.bfloat16:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        tied = {id(inner.get_output_embeddings()), id(inner.get_input_embeddings())}
+        for module in inner.get_decoder().modules():
+            if (type(module) is torch.nn.Linear and id(module) not in tied and not module.weight.requires_grad
+                    and module.weight.dtype == torch.float32):
+                module.to(torch.bfloat16)
+                on["bf16_frozen"] += 1
+    return on
+
+
 def batches(examples: list[Encoded], batch_size: int, steps: int, seed: int, window: int = 8):
     """`steps` batches, reshuffled each epoch by a seeded generator; within a window of `window` batches
     examples are grouped by length, so that little compute goes to padding."""
@@ -131,15 +161,17 @@ def scale_grads(params, factor: float) -> None:
             p.grad.mul_(factor)
 
 
-def labelled_logits(model, input_ids, labels, attention_mask=None, position_ids=None):
+def labelled_logits(model, input_ids, labels, attention_mask=None, position_ids=None, doc_lengths=None):
     """Logits and targets at the labelled (assistant) positions only.
 
     The vocabulary projection runs only where a target exists: the (batch x length x vocab) logits of
-    prompt and padding positions, most of a chat batch, are never materialised.
+    prompt and padding positions, most of a chat batch, are never materialised. `doc_lengths` (a
+    `pack_flat` batch) goes to the attention function (`training.packed_attention`).
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    extra = {"doc_lengths": doc_lengths} if doc_lengths is not None else {}
     hidden = inner.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=False).last_hidden_state
+                                 use_cache=False, **extra).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != -100
     logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
@@ -149,18 +181,18 @@ def labelled_logits(model, input_ids, labels, attention_mask=None, position_ids=
     return logits.float(), targets[keep], keep
 
 
-def assistant_token_nll(model, input_ids, labels, attention_mask=None, position_ids=None):
+def assistant_token_nll(model, input_ids, labels, attention_mask=None, position_ids=None, doc_lengths=None):
     """(summed cross-entropy over the assistant tokens, how many there are): the training loop divides the
     sum by the count over all processes."""
     import torch.nn.functional as F
 
-    logits, targets, _ = labelled_logits(model, input_ids, labels, attention_mask, position_ids)
+    logits, targets, _ = labelled_logits(model, input_ids, labels, attention_mask, position_ids, doc_lengths)
     return F.cross_entropy(logits, targets, reduction="sum"), targets.numel()
 
 
-def assistant_token_loss(model, input_ids, labels, attention_mask=None, position_ids=None):
+def assistant_token_loss(model, input_ids, labels, attention_mask=None, position_ids=None, doc_lengths=None):
     """Mean cross-entropy over assistant tokens: the model's own loss, computed without wasted logits."""
-    loss_sum, n = assistant_token_nll(model, input_ids, labels, attention_mask, position_ids)
+    loss_sum, n = assistant_token_nll(model, input_ids, labels, attention_mask, position_ids, doc_lengths)
     return loss_sum / n
 
 
@@ -196,6 +228,8 @@ def train_lora(
                          f"number of processes ({dist.world_size})")
     seed_everything(cfg.seed)  # the same on every rank: LoRA initialisation and data order must agree
     model, tokenizer = load_for_training(base, recipe.lora, runtime, cfg.gradient_checkpointing)
+    speedups = (fast_paths(model, runtime, cfg.packing) if cfg.fast_paths
+                else {"packed_attention": False, "bits_dropout": 0, "bf16_frozen": 0})
     encoded = [encode_example(tokenizer, e["messages"]) for e in train_examples]
     encoded = [e for e in encoded if any(t != -100 for t in e.labels)]
     if not encoded:
@@ -208,7 +242,10 @@ def train_lora(
         tracker.log_params({"train.trainable_params": n_trainable, "train.total_params": n_total,
                             "train.device": runtime.device, "train.compute_dtype": runtime.compute_dtype,
                             "train.examples": len(encoded), "train.processes": dist.world_size,
-                            "train.gradient_checkpointing": cfg.gradient_checkpointing})
+                            "train.gradient_checkpointing": cfg.gradient_checkpointing,
+                            "train.packed_attention": speedups["packed_attention"],
+                            "train.bits_dropout": speedups["bits_dropout"],
+                            "train.bf16_frozen_linears": speedups["bf16_frozen"]})
     log.info("training %d/%d params (%.2f%%) on %s/%s, %d examples, %d steps",
              n_trainable, n_total, 100 * n_trainable / n_total, runtime.device, runtime.compute_dtype,
              len(encoded), cfg.max_steps)
@@ -238,7 +275,7 @@ def train_lora(
     try:
         losses, real_tokens, wall, step_seconds, step_tokens = _loop(
             model, tokenizer, optimizer, trainable, encoded, recipe, runtime, tracker, ckpt_root, done, losses,
-            real_tokens, fingerprint, prior_wall, dist)
+            real_tokens, fingerprint, prior_wall, dist, speedups["packed_attention"])
     finally:
         if monitor:
             monitor.finish()
@@ -260,10 +297,11 @@ def train_lora(
 
 
 def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, tracker, ckpt_root, done, losses, real_tokens,
-          fingerprint, prior_wall, dist: Dist = SINGLE):
+          fingerprint, prior_wall, dist: Dist = SINGLE, flat: bool = False):
     """The optimisation steps from `done` to max_steps; returns (losses, real_tokens, wall seconds of
     all steps, those before a resume included, and the seconds and real tokens of each step run here).
-    Losses and token counts are global (all ranks)."""
+    Losses and token counts are global (all ranks). `flat`: micro-batches go in as one unpadded row each
+    (`pack_flat`, for `training.packed_attention`)."""
     import torch
 
     cfg = recipe.train
@@ -279,9 +317,10 @@ def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, trac
         mine = distributed.shard(dist, batch)
         loss_total, n_labelled = 0.0, 0
         for micro in micro_batches(mine, cfg.micro_batch_tokens):
-            collated = (pack_batch(micro, tokenizer.pad_token_id, recipe.data.max_seq_len) if cfg.packing
+            collated = (pack_flat(micro) if flat
+                        else pack_batch(micro, tokenizer.pad_token_id, recipe.data.max_seq_len) if cfg.packing
                         else pad_batch(micro, tokenizer.pad_token_id))
-            inputs = {k: v.to(runtime.device) for k, v in collated.items()}
+            inputs = to_device(collated, runtime.device)
             with torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast):
                 loss_sum, n = assistant_token_nll(model, **inputs)
             loss_sum.backward()  # gradients of the summed loss accumulate over the micro-batches
