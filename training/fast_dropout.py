@@ -8,7 +8,7 @@ drawing (0.6 ms against 3.0 ms for a 1024 x 576 mask), the same seeded and check
 element still kept independently, with probability 1 - p rounded to a multiple of 1/65536 (0.05 -> 0.0500030);
 kept elements are scaled by the inverse of that probability, so the expectation is exact.
 
-    install(peft_model)   # training.lora.load_for_training does this on the CPU
+    install(peft_model)   # training.lora.fast_paths does this on the CPU (train.fast_paths)
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class BitsDropout(torch.nn.Module):
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
         self.dropped = round(p * _SPAN)
-        """Out of 65536: the elements whose 16 bits (as an unsigned number) fall below this are dropped."""
+        """Out of 65536: how many of the 16-bit values drop an element (the lowest ones)."""
         self.scale = _SPAN / (_SPAN - self.dropped)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,7 @@ class BitsDropout(torch.nn.Module):
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
         bits.random_(torch.iinfo(torch.int64).min, None)  # every one of the 64 bits uniform
-        lanes = bits.view(torch.int16)[:n].view(x.shape)  # signed: unsigned value - 32768
+        lanes = bits.view(torch.int16)[:n].view(x.shape)  # two's complement: uniform over [-32768, 32767]
         keep = lanes >= self.dropped - _SPAN // 2
         return x.mul(keep).mul_(self.scale)
 

@@ -79,7 +79,7 @@ def packed_attention(model):
 
 def use_packed_attention(model) -> bool:
     """Switch a causal LM (or a peft model around one) to PACKED_SDPA where it runs SDPA now; False (and no
-    change) for another attention implementation (eager, flash-attention kernels) or a composite model."""
+    change) for another attention implementation (eager, flash-attention kernels)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(inner.config, "_attn_implementation", None) not in ("sdpa", PACKED_SDPA):
         return False
