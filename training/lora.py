@@ -90,7 +90,7 @@ def load_for_training(base: Path | str, lora: LoraConfig, runtime: Runtime, grad
     return get_peft_model(model, peft_cfg), tokenizer
 
 
-def fast_paths(model, runtime: Runtime, packing: bool) -> dict[str, bool | int]:
+def fast_paths(model, runtime: Runtime, packing: bool, enabled: bool = True) -> dict[str, bool | int]:
     """What the training loop switches on beyond plain peft, each the same computation done cheaper:
     - with `packing`, attention within each conversation of an unpadded row (`training.packed_attention`,
       where the model runs SDPA);
@@ -99,14 +99,15 @@ def fast_paths(model, runtime: Runtime, packing: bool) -> dict[str, bool | int]:
       them to bf16 for every matrix product anyway (the same rounding, so the same products), and a frozen
       weight needs no fp32 master copy; no cast per forward and half their memory. The tied embedding
       stays fp32 (lookups are not autocast).
-    Returns which are on (dropout and weights: how many layers)."""
+    Returns which are on (dropout and weights: how many layers); none with `enabled` False (train.fast_paths)."""
     import torch
 
     from training import fast_dropout
     from training.packed_attention import use_packed_attention
 
-    on = {"packed_attention": bool(packing and use_packed_attention(model)), "bits_dropout": 0, "bf16_frozen": 0}
-    if runtime.device != "cpu":
+    on = {"packed_attention": bool(enabled and packing and use_packed_attention(model)), "bits_dropout": 0,
+          "bf16_frozen": 0}
+    if not enabled or runtime.device != "cpu":
         return on
     on["bits_dropout"] = fast_dropout.install(model)
     if runtime.autocast and runtime.torch_dtype() == torch.bfloat16:
@@ -228,8 +229,7 @@ def train_lora(
                          f"number of processes ({dist.world_size})")
     seed_everything(cfg.seed)  # the same on every rank: LoRA initialisation and data order must agree
     model, tokenizer = load_for_training(base, recipe.lora, runtime, cfg.gradient_checkpointing)
-    speedups = (fast_paths(model, runtime, cfg.packing) if cfg.fast_paths
-                else {"packed_attention": False, "bits_dropout": 0, "bf16_frozen": 0})
+    speedups = fast_paths(model, runtime, cfg.packing, cfg.fast_paths)
     encoded = [encode_example(tokenizer, e["messages"]) for e in train_examples]
     encoded = [e for e in encoded if any(t != -100 for t in e.labels)]
     if not encoded:
