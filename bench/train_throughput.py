@@ -8,7 +8,7 @@ hyperparameters.
 (a) baseline: `transformers.Trainer` + peft LoRA, batches padded to the longest, the model's own loss;
 (b) erpops: training.lora.train_lora as the recipe sets it (the default: micro-batches of 1024 tokens, each one
     unpadded row with attention per example, vocabulary projection only at assistant positions, length-grouped
-    batches, and on the CPU cheaper dropout masks and bf16-held frozen weights: train.fast_paths);
+    batches, and on the CPU cheaper dropout masks and the frozen base held in bf16: train.fast_paths);
 (c) erpops-plain: (b) with train.fast_paths off (rows of max_seq_len with transformers' block-diagonal mask,
     peft's own dropout, fp32 weights cast by autocast): what the fast paths add;
 (d) erpops-whole: (b) with the whole batch at once (no micro-batches): micro-batching's cost or gain;

@@ -95,11 +95,15 @@ def fast_paths(model, runtime: Runtime, packing: bool, enabled: bool = True) -> 
     - with `packing`, attention within each conversation of an unpadded row (`training.packed_attention`,
       where the model runs SDPA);
     - on the CPU, LoRA dropout masks from random bits (`training.fast_dropout`; CUDA's fused dropout is cheap);
-    - on the CPU under bf16 autocast, the frozen Linear weights of the decoder held in bf16: autocast rounds
-      them to bf16 for every matrix product anyway (the same rounding, so the same products), and a frozen
-      weight needs no fp32 master copy; no cast per forward and half their memory. The tied embedding
-      stays fp32 (lookups are not autocast).
-    Returns which are on (dropout and weights: how many layers); none with `enabled` False (train.fast_paths)."""
+    - on the CPU under bf16 autocast, the frozen base held in bf16, as the GPU recipes load it
+      (`load_for_training`): autocast rounds every frozen Linear weight to bf16 for its product anyway, and
+      a frozen weight needs no fp32 master copy, so there is no weight cast per forward and half the memory.
+      The embeddings and norms go too, so the hidden states are bf16 between layers (as on a GPU) instead of
+      fp32 that autocast casts down again in front of every product; and the LoRA layers take that bf16
+      input as it is instead of peft casting it up to their fp32 weights' dtype for autocast to cast it back
+      (exact both ways). The adapters stay fp32.
+    Returns which are on (dropout: how many layers; bf16_frozen: how many frozen tensors); none with
+    `enabled` False (train.fast_paths)."""
     import torch
 
     from training import fast_dropout
@@ -111,13 +115,13 @@ def fast_paths(model, runtime: Runtime, packing: bool, enabled: bool = True) -> 
         return on
     on["bits_dropout"] = fast_dropout.install(model)
     if runtime.autocast and runtime.torch_dtype() == torch.bfloat16:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        tied = {id(inner.get_output_embeddings()), id(inner.get_input_embeddings())}
-        for module in inner.get_decoder().modules():
-            if (type(module) is torch.nn.Linear and id(module) not in tied and not module.weight.requires_grad
-                    and module.weight.dtype == torch.float32):
-                module.to(torch.bfloat16)
+        for p in model.parameters():
+            if not p.requires_grad and p.dtype == torch.float32:
+                p.data = p.data.to(torch.bfloat16)
                 on["bf16_frozen"] += 1
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled") and hasattr(module, "lora_A"):
+                module.cast_input_dtype_enabled = False  # peft's switch (peft.helpers.disable_input_dtype_casting)
     return on
 
 
@@ -245,7 +249,7 @@ def train_lora(
                             "train.gradient_checkpointing": cfg.gradient_checkpointing,
                             "train.packed_attention": speedups["packed_attention"],
                             "train.bits_dropout": speedups["bits_dropout"],
-                            "train.bf16_frozen_linears": speedups["bf16_frozen"]})
+                            "train.bf16_frozen_tensors": speedups["bf16_frozen"]})
     log.info("training %d/%d params (%.2f%%) on %s/%s, %d examples, %d steps",
              n_trainable, n_total, 100 * n_trainable / n_total, runtime.device, runtime.compute_dtype,
              len(encoded), cfg.max_steps)
