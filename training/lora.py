@@ -43,6 +43,8 @@ class TrainResult:
     """Wall seconds of each step this process ran (not those before a resume): the first ones carry warm-up."""
     step_tokens: list[int] = field(default_factory=list)
     """Real tokens of each of those steps (all ranks)."""
+    losses: list[float] = field(default_factory=list)
+    """The loss of every step, those before a resume included."""
 
     def steady_tokens_per_s(self, skip: int) -> float:
         """Tokens/s over the steps after the first `skip` (kernel selection, allocator and cache warm-up);
@@ -286,7 +288,7 @@ def train_lora(
 
     adapter_dir = out_dir / "adapter"
     result = TrainResult(adapter_dir, len(losses), losses[0], sum(losses[-5:]) / len(losses[-5:]),
-                         real_tokens / max(wall, 1e-9), wall, step_seconds, step_tokens)
+                         real_tokens / max(wall, 1e-9), wall, step_seconds, step_tokens, list(losses))
     if not dist.is_main:
         return result
     model.save_pretrained(adapter_dir)
