@@ -103,7 +103,8 @@ def fast_paths(model, runtime: Runtime, packing: bool, enabled: bool = True) -> 
       The embeddings and norms go too, so the hidden states are bf16 between layers (as on a GPU) instead of
       fp32 that autocast casts down again in front of every product; and the LoRA layers take that bf16
       input as it is instead of peft casting it up to their fp32 weights' dtype for autocast to cast it back
-      (exact both ways). The adapters stay fp32.
+      (the same products: a test checks loss and gradients bit for bit against the base loaded in bf16 with
+      peft's cast). The adapters stay fp32.
     Returns which are on (dropout: how many layers; bf16_frozen: how many frozen tensors); none with
     `enabled` False (train.fast_paths)."""
     import torch
