@@ -71,9 +71,10 @@ def run_baseline(args) -> dict:
     rows = [encode_example(tokenizer, e["messages"]) for e in examples]
     same_order = args.variant == "baseline-same-order"
     if same_order:  # erpops' batches (training.lora.batches over the examples it keeps), one after another
+        from training.data import with_targets
         from training.lora import batches
 
-        rows = [r for r in rows if any(t != -100 for t in r.labels)]
+        rows = with_targets(rows)
         rows = [r for batch in batches(rows, cfg.batch_size, cfg.max_steps, cfg.seed) for r in batch]
     dataset = [{"input_ids": r.input_ids, "labels": r.labels} for r in rows]
     collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)

@@ -19,6 +19,11 @@ class Encoded:
     labels: list[int]
 
 
+def with_targets(encoded: list[Encoded]) -> list[Encoded]:
+    """The examples with at least one assistant token to learn from (the training loop's, in order)."""
+    return [e for e in encoded if any(t != IGNORE_INDEX for t in e.labels)]
+
+
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the [start, end) character spans of assistant turns."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)

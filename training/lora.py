@@ -24,7 +24,7 @@ from erpops.config import LoraConfig, Recipe, TrainConfig
 from erpops.device import Runtime
 from erpops.distributed import SINGLE, Dist
 from erpops.tracking import Tracker
-from training.data import Encoded, encode_example, pack_batch, pack_flat, pad_batch, to_device
+from training.data import Encoded, encode_example, pack_batch, pack_flat, pad_batch, to_device, with_targets
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def train_lora(
     model, tokenizer = load_for_training(base, recipe.lora, runtime, cfg.gradient_checkpointing)
     speedups = fast_paths(model, runtime, cfg.packing, cfg.fast_paths)
     encoded = [encode_example(tokenizer, e["messages"]) for e in train_examples]
-    encoded = [e for e in encoded if any(t != -100 for t in e.labels)]
+    encoded = with_targets(encoded)
     if not encoded:
         raise ValueError("no training example has assistant tokens to learn from")
     trainable = [p for p in model.parameters() if p.requires_grad]
