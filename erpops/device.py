@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,3 +44,34 @@ def resolve_runtime(precision: str = "auto") -> Runtime:
     if device == "cuda":
         return Runtime(device, "bfloat16" if torch.cuda.is_bf16_supported() else "float32")
     return Runtime(device, "bfloat16" if cpu_has_fast_bf16() else "float32")
+
+
+@contextlib.contextmanager
+def autocast_weights(module, runtime: Runtime):
+    """Within the block, every nn.Linear under `module` holds its fp32 weight (and bias) as a copy in the
+    runtime's autocast dtype, made once; on exit the fp32 parameters are back in place, untouched.
+
+    Autocast rounds a Linear's fp32 weight to its dtype on every call, the same rounding as this copy, so
+    the products are the same bit for bit; what goes is the cast per call (a quarter of a bf16 scoring pass
+    on the CPU, and on every token of greedy decoding). A tied output head gets its own copy, so the
+    embedding lookup it shares a tensor with stays fp32. Costs the copies' memory (half the Linears' fp32
+    size) while the block runs. Nothing happens without autocast; quantized weights (tensor subclasses) and
+    weights already in another dtype are left alone."""
+    import torch
+
+    dtype = runtime.torch_dtype()
+    swapped = []
+    if runtime.autocast and dtype != torch.float32:
+        for m in module.modules():
+            if not isinstance(m, torch.nn.Linear):
+                continue
+            for name in ("weight", "bias"):
+                p = m._parameters.get(name)
+                if p is not None and type(p.data) is torch.Tensor and p.dtype == torch.float32:
+                    swapped.append((m, name, p))
+                    m._parameters[name] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    try:
+        yield len(swapped)
+    finally:
+        for m, name, p in swapped:
+            m._parameters[name] = p

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from erpops.device import Runtime
+from erpops.device import Runtime, autocast_weights
 from training.data import IGNORE_INDEX, encode_example, pack_flat, pad_batch, prompt_text, stop_token_ids, to_device
 from training.packed_attention import packed_attention
 
@@ -49,7 +49,7 @@ def response_nll(model, tokenizer, examples: list[dict], runtime: Runtime, batch
     nll = [0.0] * len(encoded)
     top: list = [None] * len(encoded)
     # where the model runs SDPA, each batch is one unpadded row with attention per example
-    with torch.no_grad(), packed_attention(model) as flat:
+    with torch.no_grad(), packed_attention(model) as flat, autocast_weights(model, runtime):
         for i in range(0, len(order), batch_size):
             members = order[i:i + batch_size]
             rows = [encoded[j] for j in members]

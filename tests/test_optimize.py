@@ -379,8 +379,8 @@ def test_calibrated_prune_shares_one_statistic_between_linears_of_one_input(tiny
                                                    {"role": "assistant", "content": "Use MIGO with movement 311."}]}] * 2, 64)
     seen: dict[str, object] = {}
 
-    def record(m, H):
-        seen[names[id(m)]] = H
+    def record(linears, H):
+        seen.update({names[id(m)]: H for m in linears})
 
     model = copy.deepcopy(tiny)
     names = {id(m): n for n, m in model.named_modules()}
@@ -430,3 +430,70 @@ def test_batched_calibration_prunes_as_one_sequence_at_a_time(tiny, method):
     for (name, a), (_, b) in zip(prunable_linears(one), prunable_linears(batched)):
         assert torch.equal(a.weight == 0, b.weight == 0), name
         torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sparsegpt_on_stacked_linears_prunes_each_as_if_alone():
+    """q, k and v share one Hessian and are pruned as one stacked matrix: the weights and masks are those of
+    each pruned alone, each keeping its own 30%, not 30% of the stack."""
+    import torch
+
+    from training.optimize import _damped_inverse, sparsegpt_weights
+
+    g = torch.Generator().manual_seed(7)
+    cols = 96
+    X = torch.randn(4 * cols, cols, generator=g, dtype=torch.float64)
+    Hinv, dead = _damped_inverse(X.T @ X, 0.01)
+    # rows of different scales: a mask chosen over the whole stack would prune the small one far more
+    Ws = [torch.randn(r, cols, generator=g, dtype=torch.float64) * s for r, s in ((40, 1.0), (16, 0.01), (16, 10.0))]
+    alone = [sparsegpt_weights(W.clone(), Hinv, dead, 0.3, 32) for W in Ws]
+    stacked = sparsegpt_weights(torch.cat(Ws), Hinv, dead, 0.3, 32, groups=[40, 16, 16]).split([40, 16, 16])
+    for a, b in zip(alone, stacked):
+        assert torch.equal(a == 0, b == 0)
+        assert abs(float((b == 0).double().mean()) - 0.3) < 0.01
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+def test_damped_inverse_is_the_cholesky_factor_of_the_inverse():
+    """U is upper triangular with a positive diagonal and U^T U = (H + damping)^-1: SparseGPT's
+    cholesky(cholesky_inverse(cholesky(H)), upper=True), up to rounding."""
+    import torch
+
+    from training.optimize import _damped_inverse
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(200, 50, generator=g, dtype=torch.float64) @ torch.randn(50, 50, generator=g, dtype=torch.float64)
+    X[:, 7] = 0
+    H = X.T @ X
+    U, dead = _damped_inverse(H, 0.01)
+    assert dead.nonzero().flatten().tolist() == [7]
+    Hd = H.clone()
+    Hd[7, 7] = 1
+    Hd += 0.01 * torch.diag(Hd).mean() * torch.eye(50, dtype=torch.float64)
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    assert torch.equal(U, U.triu()) and bool((torch.diag(U) > 0).all())
+    torch.testing.assert_close(U, reference, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(U.T @ U @ Hd, torch.eye(50, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def test_autocast_weights_gives_autocasts_products_bit_for_bit_and_puts_the_fp32_weights_back(tiny):
+    """Scoring passes hold the Linears' weights in bf16 for the pass instead of autocast casting them per call:
+    the logits are autocast's own, bit for bit; the tied embedding stays fp32 (its lookup is not autocast),
+    and afterwards every parameter is the fp32 object it was, unchanged."""
+    from erpops.device import Runtime, autocast_weights
+
+    assert tiny.lm_head.weight is tiny.get_input_embeddings().weight  # tied, as SmolLM2's
+    before = {n: (p, p.detach().clone()) for n, p in tiny.named_parameters(remove_duplicate=False)}
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = tiny(input_ids=ids).logits
+        with autocast_weights(tiny, Runtime("cpu", "bfloat16")) as swapped, torch.autocast("cpu", dtype=torch.bfloat16):
+            assert swapped == 2 * 7 + 1  # every decoder Linear and the head
+            assert tiny.lm_head.weight.dtype == torch.bfloat16
+            assert tiny.get_input_embeddings().weight.dtype == torch.float32
+            got = tiny(input_ids=ids).logits
+    assert torch.equal(got, expected)
+    after = dict(tiny.named_parameters(remove_duplicate=False))
+    assert all(after[n] is p and torch.equal(p, value) for n, (p, value) in before.items())
+    with autocast_weights(tiny, Runtime("cpu", "float32")) as swapped:  # no autocast: nothing to hold
+        assert swapped == 0

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from erpops.config import OptimizeConfig
-from erpops.device import Runtime
+from erpops.device import Runtime, autocast_weights
 from erpops.summary import PhaseClock
 from erpops.tracking import Tracker, write_json
 from evaluation.scoring import NLL, response_nll
@@ -173,13 +173,14 @@ def wanda_prune(model, amount: float, calibration: list, runtime: Runtime | None
     calibration tokens. Returns the achieved sparsity per layer."""
     import torch
 
-    def prune_linear(m, sq):
-        score = m.weight.abs() * sq.sqrt().to(m.weight.dtype)[None, :]
-        k = int(m.in_features * amount)
-        if k:
-            m.weight.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, 0.0)
+    def prune_linears(linears, sq):
+        for m in linears:
+            score = m.weight.abs() * sq.sqrt().to(m.weight.dtype)[None, :]
+            k = int(m.in_features * amount)
+            if k:
+                m.weight.scatter_(1, torch.topk(score, k, dim=1, largest=False, sorted=False).indices, 0.0)
 
-    return _calibrated_prune(model, calibration, "norms", prune_linear, runtime, batch_size)
+    return _calibrated_prune(model, calibration, "norms", prune_linears, runtime, batch_size)
 
 
 def sparsegpt_prune(model, amount: float, calibration: list, block: int = 128, damp: float = 0.01,
@@ -188,39 +189,54 @@ def sparsegpt_prune(model, amount: float, calibration: list, block: int = 128, d
     calibration inputs, and update the weights not pruned to make up for the ones that were (optimal
     brain surgeon, column by column; the mask is chosen per block of `block` columns by w^2 / [H^-1]_jj^2).
     Returns the achieved sparsity per layer."""
-    inverses: dict[int, tuple] = {}
-
-    def prune_linear(m, H):
-        if id(H) not in inverses:  # q, k and v (gate and up) share one H object: it is factored once
-            inverses.clear()  # (H is kept in the entry, so its id is not reused while the entry lives)
-            inverses[id(H)] = (H, *_damped_inverse(H, damp))
-        _, Hinv, dead = inverses[id(H)]
-        m.weight.data.copy_(sparsegpt_weights(m.weight.data.double(), Hinv, dead, amount, block).to(m.weight.dtype))
-
-    return _calibrated_prune(model, calibration, "hessian", prune_linear, runtime, batch_size)
-
-
-def sparsegpt_weights(W, Hinv, dead, amount: float, block: int = 128):
-    """One Linear's weights (float64, changed in place and returned) pruned by SparseGPT, given the upper
-    Cholesky factor of its damped inverse Hessian and its dead input features (_damped_inverse)."""
     import torch
 
+    def prune_linears(linears, H):
+        # the Linears of one input (q, k, v; gate, up) share H: one factorisation, and their rows are pruned in
+        # one pass, each Linear's mask still chosen among its own weights (rows never mix in the update)
+        Hinv, dead = _damped_inverse(H, damp)
+        W = torch.cat([m.weight.data for m in linears]).double()
+        sizes = [m.out_features for m in linears]
+        for m, w in zip(linears, sparsegpt_weights(W, Hinv, dead, amount, block, groups=sizes).split(sizes)):
+            m.weight.data.copy_(w.to(m.weight.dtype))
+
+    return _calibrated_prune(model, calibration, "hessian", prune_linears, runtime, batch_size)
+
+
+def sparsegpt_weights(W, Hinv, dead, amount: float, block: int = 128, groups: list[int] | None = None, sub: int = 16):
+    """One Linear's weights (float64, changed in place and returned) pruned by SparseGPT, given the upper
+    Cholesky factor of its damped inverse Hessian and its dead input features (_damped_inverse).
+
+    `groups`: row counts of Linears stacked in W that share this Hessian; each one's mask is chosen among its
+    own rows, as if pruned alone (default: W is one Linear). Within a block of `block` columns the update is
+    applied `sub` columns at a time and then, for the rest of the block, as one product (the result is the
+    column-by-column update's up to rounding)."""
+    import torch
+
+    groups = groups or [W.shape[0]]
     W[:, dead] = 0
     for i1 in range(0, W.shape[1], block):
         i2 = min(i1 + block, W.shape[1])
         U = Hinv[i1:i2, i1:i2]
-        score = W[:, i1:i2] ** 2 / torch.diag(U).reshape(1, -1) ** 2
-        k = int(score.numel() * amount)
+        d = torch.diag(U)
+        score = W[:, i1:i2] ** 2 / d.reshape(1, -1) ** 2
         mask = torch.zeros_like(score, dtype=torch.bool)
-        if k:
-            mask.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
+        for rows_score, rows_mask in zip(score.split(groups), mask.split(groups)):
+            k = int(rows_score.numel() * amount)
+            if k:  # the set of the k smallest; unsorted, it is found ~3x faster
+                rows_mask.view(-1)[torch.topk(rows_score.flatten(), k, largest=False, sorted=False).indices] = True
         # transposed, so that a column of the block is a contiguous row
         W1t = W[:, i1:i2].T.contiguous()
-        scale = (mask.to(W.dtype) / torch.diag(U).reshape(1, -1)).T.contiguous()  # err = w / [H^-1]_ii where pruned
+        scale = (mask.to(W.dtype) / d.reshape(1, -1)).T.contiguous()  # err = w / [H^-1]_ii where pruned
         errs = torch.empty_like(W1t)  # row i: column i's error
-        for i in range(i2 - i1):  # the optimal brain surgeon update, column by column: two ops a column
-            torch.mul(W1t[i], scale[i], out=errs[i])
-            W1t[i:].addr_(U[i, i:], errs[i], alpha=-1)
+        n = i2 - i1
+        for j1 in range(0, n, sub):
+            j2 = min(j1 + sub, n)
+            for i in range(j1, j2):  # the optimal brain surgeon update, column by column: two ops a column
+                torch.mul(W1t[i], scale[i], out=errs[i])
+                W1t[i:j2].addr_(U[i, i:j2], errs[i], alpha=-1)
+            if j2 < n:  # the sub-block's errors reach the block's later columns in one product
+                W1t[j2:].addmm_(U[j1:j2, j2:].T, errs[j1:j2], alpha=-1)
         W1t[mask.T] = 0  # exact zeros (the update leaves the pruned weights at rounding error)
         W[:, i1:i2] = W1t.T
         W[:, i2:] -= errs.T @ Hinv[i1:i2, i2:]
@@ -228,14 +244,20 @@ def sparsegpt_weights(W, Hinv, dead, amount: float, block: int = 128):
 
 
 def _damped_inverse(H, damp: float):
-    """(the upper Cholesky factor of the damped H^-1, the input features never seen: H_jj = 0)."""
+    """(the upper Cholesky factor U of the damped H^-1, i.e. H^-1 = U^T U; the input features never seen: H_jj = 0).
+
+    One factorisation: the Cholesky factor of H with rows and columns reversed, reversed back, is an upper V
+    with H = V V^T, so H^-1 = V^-T V^-1 and U = V^-1 (the factor is unique, so this is the
+    cholesky(cholesky_inverse(cholesky(H)), upper=True) of SparseGPT's code, up to rounding)."""
     import torch
 
     H = H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    H += damp * torch.mean(torch.diag(H)) * eye
+    V = torch.linalg.cholesky(H.flip(0, 1)).flip(0, 1)
+    return torch.linalg.solve_triangular(V, eye, upper=True), dead
 
 
 def calibration_batches(calibration: list, batch_size: int) -> list[tuple]:
@@ -257,20 +279,28 @@ def calibration_batches(calibration: list, batch_size: int) -> list[tuple]:
     return batches
 
 
-def _calibrated_prune(model, calibration: list, stat: str, prune_linear, runtime: Runtime | None = None,
+def _calibrated_prune(model, calibration: list, stat: str, prune_linears, runtime: Runtime | None = None,
                       batch_size: int = 8) -> dict[str, float]:
     """Prune decoder blocks one after another, as Wanda and SparseGPT do: each block's Linear layers are
     pruned from statistics of their inputs (`norms`: per-feature sum of squares; `hessian`: X^T X), and
     those inputs come from the blocks before it, already pruned. The calibration sequences run through a
     block `batch_size` at a time (padded; padding positions are left out of the statistics, so the result
     does not depend on the batch size beyond rounding). With a bf16 `runtime` the blocks run under its
-    autocast (the statistics are still summed from fp32 products)."""
+    autocast (the statistics are still summed from fp32 products). `prune_linears(linears, statistic)` is
+    called once per input of a block, with every Linear that reads it (q, k and v; gate and up; o; down)."""
     import torch
 
     layers = _decoder_layers(model)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model  # the LM head is not needed
-    compute = (torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast) if runtime
-               else contextlib.nullcontext())
+
+    def compute(block=None):  # the runtime's autocast, with the block's weights cast once per pass (not per batch)
+        if runtime is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast))
+        if block is not None:
+            stack.enter_context(autocast_weights(block, runtime))
+        return stack
     batches = [(ids.to(model.device), mask.to(model.device)) for ids, mask in calibration_batches(calibration, batch_size)]
     # per batch: the positions that are not padding (flattened), or None where the batch has no padding
     real = [None if bool(mask.all()) else mask.reshape(-1).bool() for _, mask in batches]
@@ -290,7 +320,7 @@ def _calibrated_prune(model, calibration: list, stat: str, prune_linear, runtime
         layer.forward = capture(i)  # an instance attribute: shadows the class's forward until deleted
     model.eval()
     try:
-        with torch.no_grad(), compute:
+        with torch.no_grad(), compute():
             for ids, mask in batches:
                 decoder(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
@@ -325,23 +355,25 @@ def _calibrated_prune(model, calibration: list, stat: str, prune_linear, runtime
                 x = args[0].detach().reshape(-1, module.in_features)
                 x = (x if keep[0] is None else x[keep[0]]).float()
                 with torch.autocast(x.device.type, enabled=False):  # fp32 products, as SparseGPT's code; fp64 sums
-                    stats[id(module)] += (x.pow(2).sum(0) if stat == "norms" else x.T @ x).double()
+                    stats[id(module)] += x.pow(2).sum(0) if stat == "norms" else x.T @ x
 
             hs = [m.register_forward_pre_hook(accumulate) for m in linears]
             try:
-                with compute:
+                with compute(layer):
                     for h, (args, kwargs), keep[0] in zip(hidden, captured[i], real):
                         _run_layer(layer, h, args, kwargs)  # for the statistics only: the output is not kept
             finally:
                 for h in hs:
                     h.remove()
                 last.clear()
-            for follower, first in leader.items():
-                stats[follower] = stats[first]
+            groups: dict[int, list] = {}  # leader's id -> the Linears that read its input, in module order
             for m in linears:
-                prune_linear(m, stats[id(m)])
-                sparsity[names[id(m)]] = float((m.weight == 0).float().mean())
-            with compute:
+                groups.setdefault(leader.get(id(m), id(m)), []).append(m)
+            for first, group in groups.items():
+                prune_linears(group, stats[first])
+                for m in group:
+                    sparsity[names[id(m)]] = float((m.weight == 0).float().mean())
+            with compute(layer):
                 hidden = [run(layer, h, args, kwargs, k) for h, (args, kwargs), k in zip(hidden, captured[i], real)]
     return sparsity
 
@@ -615,17 +647,18 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
         model.save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
 
+    sparsity = overall_sparsity(model)
     backend = pick_int8_backend(cfg, runtime)
     t0 = time.perf_counter()
     with clock("int8"):
         qmodel = quantize_int8(model, backend, merged_dir)
-    qvariant, _ = measured(f"int8_{backend}", qmodel, t0, source_ppl, overall_sparsity(model))  # int8 keeps exact zeros
+    qvariant, _ = measured(f"int8_{backend}", qmodel, t0, source_ppl, sparsity)  # int8 keeps exact zeros
     variants.append(qvariant)
     int8 = decide_variant(f"int8 ({backend})", "full-precision model", source_ppl, qvariant.perplexity, cfg.max_quant_ppl_ratio)
     log.info("int8 decision: %s", int8.reason)
     with clock("save_int8"):
         int8_dir = save_int8(qmodel, backend, tokenizer, out_dir / f"int8-{backend}") if int8.keep and cfg.save_int8 else None
-    del qmodel
+    del qmodel, model  # from here on the model is the merged folder on disk: the GGUF checks hold its read-back instead
 
     texts = [tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in eval_examples[: cfg.verify_prompts]]
 
@@ -644,14 +677,14 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
     log.info("GGUF decision: %s", ship_reason)
     for g in gguf.values():  # ratio to the HF model the files were converted from
         ratio = g.perplexity / source_ppl if g.perplexity else None
-        variants.append(Variant(f"gguf_{g.kind}", g.perplexity, g.size_mb, overall_sparsity(model), 0.0, None, None, ratio))
+        variants.append(Variant(f"gguf_{g.kind}", g.perplexity, g.size_mb, sparsity, 0.0, None, None, ratio))
     modelfile, spec = write_modelfile(tokenizer, gguf[shipped].path)
 
     result = OptimizeResult(merged_dir, variants, backend, layer_sparsity, gguf, decision, modelfile, spec, int8, int8_dir,
                             shipped, ship_reason, dict(clock))
     log.info("optimize phases (s): %s", ", ".join(f"{k} {v:.1f}" for k, v in clock.items()))
     summary = {"seconds": dict(clock), "int8_backend": backend, "variants": [asdict(v) for v in variants], "layer_sparsity": layer_sparsity,
-               "overall_sparsity": overall_sparsity(model), "pruning": asdict(decision) if decision else None,
+               "overall_sparsity": sparsity, "pruning": asdict(decision) if decision else None,
                "int8": asdict(int8), "shipped": shipped, "ship_reason": ship_reason,
                "gguf": {k: asdict(g) for k, g in gguf.items()}}
     write_json(out_dir / "optimize.json", summary)
