@@ -497,3 +497,31 @@ def test_autocast_weights_gives_autocasts_products_bit_for_bit_and_puts_the_fp32
     assert all(after[n] is p and torch.equal(p, value) for n, (p, value) in before.items())
     with autocast_weights(tiny, Runtime("cpu", "float32")) as swapped:  # no autocast: nothing to hold
         assert swapped == 0
+
+
+def test_shared_gguf_reader_reads_what_ggufs_own_reader_reads(tiny_model_dir, tmp_path):
+    """The shared reader slices the file as a plain array: every field part and tensor is the bytes, dtype and
+    shape gguf's reader gives (transformers reads nothing else). Within the block a file is parsed once; after
+    it gguf's reader is back."""
+    import gguf
+    import numpy as np
+
+    from training.gguf import _array_reader, convert, shared_gguf_reader
+
+    path = convert(tiny_model_dir, tmp_path / "model-q8_0.gguf", "q8_0")
+    ours, theirs = _array_reader(gguf.GGUFReader)(path), gguf.GGUFReader(path)
+    assert type(ours.data) is np.memmap  # the file stays mapped, not read into memory
+    assert list(ours.fields) == list(theirs.fields) and len(ours.fields["tokenizer.ggml.tokens"].data) > 100
+    for name, field in theirs.fields.items():
+        mine = ours.fields[name]
+        assert mine.types == field.types and mine.data == field.data, name
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(mine.parts, field.parts)), name
+    assert [(t.name, t.tensor_type, t.shape.tolist(), t.data.dtype) for t in ours.tensors] == \
+           [(t.name, t.tensor_type, t.shape.tolist(), t.data.dtype) for t in theirs.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, theirs.tensors))
+
+    original = gguf.GGUFReader
+    with shared_gguf_reader():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first and isinstance(first, original) and type(first) is not original
+    assert gguf.GGUFReader is original
