@@ -52,8 +52,9 @@ def autocast_weights(module, runtime: Runtime):
     runtime's autocast dtype, made once; on exit the fp32 parameters are back in place, untouched.
 
     Autocast rounds a Linear's fp32 weight to its dtype on every call, the same rounding as this copy, so
-    the products are the same bit for bit; what goes is the cast per call (a quarter of a bf16 scoring pass
-    on the CPU, and on every token of greedy decoding). A tied output head gets its own copy, so the
+    the products are the same bit for bit; what goes is the cast per call (autocast caches it only within one
+    autocast region: a quarter of a bf16 scoring pass on the CPU, which enters one per batch). A tied output
+    head gets its own copy, so the
     embedding lookup it shares a tensor with stays fp32. Costs the copies' memory (half the Linears' fp32
     size) while the block runs. Nothing happens without autocast; quantized weights (tensor subclasses) and
     weights already in another dtype are left alone."""

@@ -69,12 +69,13 @@ def convert(hf_dir: Path, outfile: Path, outtype: str) -> Path:
 
 @contextlib.contextmanager
 def shared_gguf_reader():
-    """Within the block each GGUF file is parsed once, and faster. transformers parses a file's header separately for the
-    config, the weights and the tokenizer, and decodes every header value again each time; for SmolLM2's
-    49,152-token vocabulary one parse costs ~4 s on these CPUs (gguf's reader builds every vocabulary string
-    from a numpy memmap). It also builds gguf's tensor-name table once per module of the model (~400 times,
-    the same table). Within the block the reader, the decoded values and the tables are shared: all are
-    read-only, and nothing outlives the block. The reader slices the file as a plain array (`_array_reader`)."""
+    """Within the block each GGUF file is parsed once, and faster. transformers parses a file's header
+    separately for the config, the weights and the tokenizer, and decodes every header value again each time;
+    for SmolLM2's 49,152-token vocabulary one parse cost ~4 s on these CPUs (gguf's reader builds every
+    vocabulary string from a numpy memmap). It also builds gguf's tensor-name table once per module of the model
+    (~400 times, the same table). Within the block the reader, the decoded values and the tables are shared: all
+    are read-only, and nothing outlives the block. The reader slices the file as a plain array
+    (`_array_reader`)."""
     import gguf
     from transformers import modeling_gguf_pytorch_utils as hf_gguf
 

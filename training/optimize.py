@@ -204,7 +204,7 @@ def sparsegpt_prune(model, amount: float, calibration: list, block: int = 128, d
 
 
 def sparsegpt_weights(W, Hinv, dead, amount: float, block: int = 128, groups: list[int] | None = None, sub: int = 16):
-    """One Linear's weights (float64, changed in place and returned) pruned by SparseGPT, given the upper
+    """A Linear's weights (float64, changed in place and returned) pruned by SparseGPT, given the upper
     Cholesky factor of its damped inverse Hessian and its dead input features (_damped_inverse).
 
     `groups`: row counts of Linears stacked in W that share this Hessian; each one's mask is chosen among its
@@ -293,14 +293,15 @@ def _calibrated_prune(model, calibration: list, stat: str, prune_linears, runtim
     layers = _decoder_layers(model)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model  # the LM head is not needed
 
+    @contextlib.contextmanager
     def compute(block=None):  # the runtime's autocast, with the block's weights cast once per pass (not per batch)
         if runtime is None:
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast))
-        if block is not None:
-            stack.enter_context(autocast_weights(block, runtime))
-        return stack
+            yield
+            return
+        with (torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast),
+              autocast_weights(block, runtime) if block is not None else contextlib.nullcontext()):
+            yield
+
     batches = [(ids.to(model.device), mask.to(model.device)) for ids, mask in calibration_batches(calibration, batch_size)]
     # per batch: the positions that are not padding (flattened), or None where the batch has no padding
     real = [None if bool(mask.all()) else mask.reshape(-1).bool() for _, mask in batches]
