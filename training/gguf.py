@@ -84,10 +84,12 @@ def shared_gguf_reader():
     originals = {"reader": gguf.GGUFReader, "names": gguf.get_tensor_name_map,
                  "parse": getattr(hf_gguf, "_gguf_parse_value", None)}
 
+    array_reader = _array_reader(originals["reader"])
+
     def reader(path, *args, **kwargs):
         key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns, args, tuple(sorted(kwargs.items())))
         if key not in readers:
-            readers[key] = _array_reader(originals["reader"])(path, *args, **kwargs)
+            readers[key] = array_reader(path, *args, **kwargs)
         return readers[key]
 
     @functools.lru_cache(maxsize=None)
