@@ -15,7 +15,11 @@ hyperparameters.
 (d) erpops-whole: (b) with the whole batch at once (no micro-batches): micro-batching's cost or gain;
 (e) erpops-gc: (b) with gradient checkpointing (train.gradient_checkpointing), a memory-saving option;
 (f) baseline-same-order: (a) fed erpops' batches in erpops' order, so that the two loss curves can be compared
-    step by step (`same_order_max_loss_delta`); (a) keeps the Trainer's own random order for the ratio.
+    step by step (`same_order_max_loss_delta`); (a) keeps the Trainer's own random order for the ratio;
+(g) baseline-erpops-malloc: (a) under erpops' allocator set-up (what the allocator alone is worth).
+The erpops variants run in the process environment `erpops train` runs in (`erpops.runtime.jemalloc_env`:
+jemalloc where the system has it, freed pages kept under a resident budget, `erpops.allocator`); the baselines
+(a) and (f) in the default one (glibc's malloc), as a plain Trainer script runs.
 All use the recipe's LoRA settings, batch size, learning rate, warm-up, seed and precision. Tokens/s
 counts real (non-pad) tokens. Each variant runs in its own process so peak memory is its own.
 Shared machines change speed by up to 2x within minutes, so the variants run in `--repeat` rounds, one after
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -36,8 +41,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("baseline", "erpops", "erpops-plain", "erpops-whole", "erpops-gc", "baseline-same-order")
+VARIANTS = ("baseline", "erpops", "erpops-plain", "erpops-whole", "erpops-gc", "baseline-same-order",
+            "baseline-erpops-malloc")
 sys.path.insert(0, str(REPO))
+
+from erpops.runtime import jemalloc_env  # noqa: E402
 
 
 def _setup(args):
@@ -166,6 +174,7 @@ def main() -> None:
     if args.variant:
         result = (run_baseline if args.variant.startswith("baseline") else run_erpops)(args)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["allocator"] = "jemalloc" if "jemalloc" in Path("/proc/self/maps").read_text() else "default"
         print("RESULT " + json.dumps(result))
         return
 
@@ -174,7 +183,10 @@ def main() -> None:
         for variant in (v for v in VARIANTS if v in {"baseline", "erpops", *args.only}):
             cmd = [sys.executable, __file__, "--variant", variant, "--recipe", args.recipe, "--model", args.model,
                    "--steps", str(args.steps), "--out", args.out, "--micro-batch-tokens", str(args.micro_batch_tokens)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            env = {k: v for k, v in os.environ.items() if k != "ERPOPS_JEMALLOC"}
+            if variant.startswith("erpops") or variant == "baseline-erpops-malloc":
+                env = jemalloc_env(["erpops", "train"], env) or env
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
                 sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
@@ -206,6 +218,9 @@ def main() -> None:
         r = results["baseline-same-order"]
         delta = max(abs(a - b) for a, b in zip(r["losses"], erp["losses"]))
         pairs += f" same_order_tokens_per_s={r['tokens_per_s']:.1f} same_order_max_loss_delta={delta:.4f}"
+    if "baseline-erpops-malloc" in results:
+        pairs += f" baseline_erpops_malloc_tokens_per_s={results['baseline-erpops-malloc']['tokens_per_s']:.1f}"
+    pairs += f" allocator={runs['erpops'][0]['allocator']}"
     if "erpops-plain" in results:
         pairs += f" fast_paths_speedup={erp['tokens_per_s'] / results['erpops-plain']['tokens_per_s']:.2f}"
     if peak and results["baseline"].get("params"):

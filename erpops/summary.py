@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from erpops.allocator import give_back
 from erpops.tracking import write_json
 
 RELEASE_STAGES = ("deploy_kb", "deploy_ollama", "switch")
@@ -49,6 +50,7 @@ class RunSummary:
         rec = self.stages[name]
         t0 = time.perf_counter()
         children_before = _children_peak_mb()
+        give_back()  # the pages the last stage freed and jemalloc still holds are not this stage's peak
         was_reset = reset_peak_rss()
         try:
             yield rec
