@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class Runtime:
         return getattr(torch, self.compute_dtype)
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16 make bf16 matmuls several times faster than fp32 on CPU; detect, don't assume."""
     try:
@@ -76,3 +78,27 @@ def autocast_weights(module, runtime: Runtime):
     finally:
         for m, name, p in swapped:
             m._parameters[name] = p
+
+
+def gram(x):
+    """x^T x in fp32 for a 2-D x, exactly as an fp32 product gives it, faster where that is free.
+
+    When x arrived in bf16 (the input of a Linear that reads a bf16 product: o_proj and down_proj under bf16
+    autocast), every element is exact in bf16, so oneDNN may take the fp32 product through bf16 (AMX) with fp32
+    accumulation and lose nothing: for 2,000 x 1,536 it took 20 ms against 48-67 ms, with a relative error to the
+    float64 product of 3e-7 against MKL's 1e-6. Any other input keeps IEEE fp32 (the bf16 path would round it:
+    3.5e-4). The result is fp32; the input's own dtype decides, so the caller passes it uncast."""
+    import torch
+
+    mkldnn_matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    fast = (x.dtype == torch.bfloat16 and x.device.type == "cpu" and mkldnn_matmul is not None
+            and cpu_has_fast_bf16())
+    x = x.float()
+    if not fast:
+        return x.T @ x
+    before = mkldnn_matmul.fp32_precision
+    mkldnn_matmul.fp32_precision = "bf16"
+    try:
+        return x.T @ x
+    finally:
+        mkldnn_matmul.fp32_precision = before

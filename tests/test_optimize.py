@@ -499,6 +499,24 @@ def test_autocast_weights_gives_autocasts_products_bit_for_bit_and_puts_the_fp32
         assert swapped == 0
 
 
+def test_gram_is_the_fp32_product_for_bf16_inputs_and_stays_ieee_for_others():
+    """SparseGPT's Hessian X^T X: an input that arrived in bf16 may go through oneDNN's bf16 path (its elements
+    are exact in bf16; the accumulation stays fp32), an fp32 input may not (the bf16 path would round it). Both
+    must match the float64 product as closely as an IEEE fp32 product does, and the precision setting is back."""
+    from erpops.device import gram
+
+    g = torch.Generator().manual_seed(0)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    for x in (torch.randn(700, 192, generator=g).bfloat16(), torch.randn(700, 192, generator=g)):
+        exact = x.double().T @ x.double()
+        ieee = (x.float().T @ x.float()).double()
+        got = gram(x)
+        assert got.dtype == torch.float32
+        tolerance = 4 * (ieee - exact).abs().max().item()  # an fp32 product's own rounding, with room
+        assert (got.double() - exact).abs().max().item() <= tolerance
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
 def test_shared_gguf_reader_reads_what_ggufs_own_reader_reads(tiny_model_dir, tmp_path):
     """The shared reader slices the file as a plain array: every field part and tensor is the bytes, dtype and
     shape gguf's reader gives (transformers reads nothing else). Within the block a file is parsed once; after

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from erpops.config import OptimizeConfig
-from erpops.device import Runtime, autocast_weights
+from erpops.device import Runtime, autocast_weights, gram
 from erpops.summary import PhaseClock
 from erpops.tracking import Tracker, write_json
 from evaluation.scoring import NLL, response_nll
@@ -354,9 +354,9 @@ def _calibrated_prune(model, calibration: list, stat: str, prune_linears, runtim
                     return
                 last[:] = [args[0], id(module)]
                 x = args[0].detach().reshape(-1, module.in_features)
-                x = (x if keep[0] is None else x[keep[0]]).float()
+                x = x if keep[0] is None else x[keep[0]]
                 with torch.autocast(x.device.type, enabled=False):  # fp32 products, as SparseGPT's code; fp64 sums
-                    stats[id(module)] += x.pow(2).sum(0) if stat == "norms" else x.T @ x
+                    stats[id(module)] += x.float().pow(2).sum(0) if stat == "norms" else gram(x)
 
             hs = [m.register_forward_pre_hook(accumulate) for m in linears]
             try:
