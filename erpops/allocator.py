@@ -143,7 +143,8 @@ def resident_budget(budget_bytes: int, interval_s: float = 0.01, min_gap_s: floa
 
 
 DEFAULT_BUDGET_GIB = 3.0
-"""The default `erpops run` peaks at 3.1 GiB of live memory in training; the whole run must stay under 4 GiB."""
+"""Under the 4 GiB a default `erpops run` must stay within, with room for what a stage allocates between two
+looks of the watcher; a stage whose live memory alone passes it gets its freed pages back within 0.1 s."""
 
 _process_budget: contextlib.ExitStack | None = None
 

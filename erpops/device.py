@@ -81,7 +81,7 @@ def autocast_weights(module, runtime: Runtime):
 
 
 def gram(x):
-    """x^T x in fp32 for a 2-D x, exactly as an fp32 product gives it, faster where that is free.
+    """x^T x in fp32 for a 2-D x, as accurate as an IEEE fp32 product, and faster where that costs nothing.
 
     When x arrived in bf16 (the input of a Linear that reads a bf16 product: o_proj and down_proj under bf16
     autocast), every element is exact in bf16, so oneDNN may take the fp32 product through bf16 (AMX) with fp32
