@@ -45,6 +45,7 @@ VARIANTS = ("baseline", "erpops", "erpops-plain", "erpops-whole", "erpops-gc", "
             "baseline-erpops-malloc")
 sys.path.insert(0, str(REPO))
 
+from erpops.allocator import Jemalloc  # noqa: E402
 from erpops.runtime import jemalloc_env  # noqa: E402
 
 
@@ -174,7 +175,7 @@ def main() -> None:
     if args.variant:
         result = (run_baseline if args.variant.startswith("baseline") else run_erpops)(args)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        result["allocator"] = "jemalloc" if "jemalloc" in Path("/proc/self/maps").read_text() else "default"
+        result["allocator"] = "jemalloc" if Jemalloc.loaded() else "default"
         print("RESULT " + json.dumps(result))
         return
 

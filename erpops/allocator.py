@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 ARENAS_ALL = 4096
 """jemalloc's MALLCTL_ARENAS_ALL: `arena.4096.*` addresses every arena."""
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class Jemalloc:
@@ -68,12 +69,6 @@ class Jemalloc:
         for i in range(self.arenas()):
             self._write(f"arena.{i}.dirty_decay_ms", ctypes.c_ssize_t, ms)  # EFAULT: arena not created yet
 
-    def stats(self) -> dict[str, int]:
-        """Bytes the program holds (`allocated`), in pages it holds (`active`), mapped and resident in jemalloc's
-        count, refreshed now."""
-        self._write("epoch", ctypes.c_uint64, 1)
-        return {k: self._read(f"stats.{k}", ctypes.c_size_t) for k in ("allocated", "active", "resident", "mapped")}
-
     def purge(self) -> None:
         """Give every freed page of every arena back to the kernel now."""
         self._mallctl(f"arena.{ARENAS_ALL}.purge".encode(), None, None, None, ctypes.c_size_t(0))
@@ -88,15 +83,13 @@ def give_back() -> None:
 
 def resident_bytes(fd: int) -> int:
     """The process's resident set from an open /proc/self/statm (its second field, in pages)."""
-    return int(os.pread(fd, 128, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return int(os.pread(fd, 128, 0).split()[1]) * PAGE
 
 
 @dataclass
 class BudgetStats:
     purges: int = 0
     """How often the resident set passed the budget and freed pages went back."""
-    peak_bytes: int = 0
-    """The highest resident set the watcher saw (it samples; the kernel's peak is ru_maxrss)."""
     decay_before_ms: int = 0
     """jemalloc's `dirty_decay_ms` before the block, back in place after it."""
 
@@ -121,10 +114,8 @@ def resident_budget(budget_bytes: int, interval_s: float = 0.01, min_gap_s: floa
     def watch() -> None:
         last = 0.0
         while not stop.wait(interval_s):
-            rss = resident_bytes(fd)
-            stats.peak_bytes = max(stats.peak_bytes, rss)
             # at most every `min_gap_s`: where live memory alone is over the budget, no worse than a short decay
-            if rss > budget_bytes and (now := time.monotonic()) - last >= min_gap_s:
+            if resident_bytes(fd) > budget_bytes and (now := time.monotonic()) - last >= min_gap_s:
                 je.purge()
                 stats.purges += 1
                 last = now

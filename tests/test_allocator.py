@@ -75,4 +75,3 @@ def test_freed_pages_are_kept_under_the_budget_and_given_back_past_it():
     assert got["kept_refaults"] < 0.1 * pages  # kept: the same pages reused
     assert got["kept_mb"] > 300
     assert got["purges"] >= 1 and got["after_budget_mb"] < 100, got
-
