@@ -56,6 +56,16 @@ def test_cpu_int8_backends_keep_outputs_close_and_shrink(tiny, backend, tmp_path
     assert saved_size_mb(q) < saved_size_mb(tiny)
 
 
+@pytest.mark.parametrize("backend", [None, "torchao"])
+def test_saved_size_counts_what_torch_save_writes(tiny, backend, tmp_path):
+    from training.optimize import quantize_int8, saved_size_mb
+
+    model = tiny if backend is None else quantize_int8(tiny, backend, tmp_path)
+    # a file's name is in every record of its archive: "archive" is the name torch.save gives a stream's
+    torch.save(model.state_dict(), tmp_path / "archive.pt")
+    assert saved_size_mb(model) == (tmp_path / "archive.pt").stat().st_size / 1e6
+
+
 @pytest.mark.gpu
 def test_bitsandbytes_int8_on_gpu(tiny_model_dir):
     from transformers import AutoModelForCausalLM

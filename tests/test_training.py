@@ -140,8 +140,8 @@ def test_response_nll_matches_a_plain_full_logits_computation(tiny_model_dir, to
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     examples = [{"messages": CONVO}, {"messages": CONVO[:2]}]
-    got = response_nll(model, tokenizer, examples, Runtime("cpu", "float32"))
-    for ex, nll, n in zip(examples, got.nll, got.tokens):
+    got = response_nll(model, tokenizer, examples, Runtime("cpu", "float32"), top_tokens=True)
+    for ex, nll, n, top in zip(examples, got.nll, got.tokens, got.top):
         enc = encode_example(tokenizer, ex["messages"])
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([enc.input_ids])).logits[0, :-1]
@@ -149,6 +149,7 @@ def test_response_nll_matches_a_plain_full_logits_computation(tiny_model_dir, to
         expected = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
         assert n == int((labels != IGNORE_INDEX).sum())
         assert math.isclose(nll, expected, rel_tol=1e-4)
+        assert torch.equal(top, logits[labels != IGNORE_INDEX].argmax(-1))  # the model's own choices, in order
 
 
 def test_packed_batches_give_the_same_loss_as_padded_ones(tiny_model_dir, tokenizer):
