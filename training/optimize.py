@@ -65,7 +65,8 @@ class OptimizeResult:
     """The GGUF kind that ships (the recipe's, or f16 after a fallback)."""
     ship_reason: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
-    """Wall seconds per phase of the stage (merge, prune, int8, gguf_convert_q8_0, ...), in the order run."""
+    """Wall seconds per phase of the stage (merge, prune, int8, gguf_convert_q8_0, ...), in the order run; prune
+    includes its parts, listed before it (prune_capture, prune_statistics, prune_solve, prune_propagate)."""
 
     def table(self) -> str:
         def cell(v, fmt):
@@ -166,7 +167,7 @@ def calibration_inputs(tokenizer, examples: list[dict], max_tokens: int) -> list
 
 
 def wanda_prune(model, amount: float, calibration: list, runtime: Runtime | None = None,
-                batch_size: int = 8) -> dict[str, float]:
+                batch_size: int = 8, clock: PhaseClock | None = None) -> dict[str, float]:
     """Wanda (Sun et al., 2024): in each output row of each decoder Linear, zero the `amount` share of
     weights with the smallest |W_ij| * ||X_j||, where ||X_j|| is the L2 norm of input feature j over the
     calibration tokens. Returns the achieved sparsity per layer."""
@@ -179,11 +180,11 @@ def wanda_prune(model, amount: float, calibration: list, runtime: Runtime | None
             if k:
                 m.weight.scatter_(1, torch.topk(score, k, dim=1, largest=False, sorted=False).indices, 0.0)
 
-    return _calibrated_prune(model, calibration, "norms", prune_linears, runtime, batch_size)
+    return _calibrated_prune(model, calibration, "norms", prune_linears, runtime, batch_size, clock)
 
 
 def sparsegpt_prune(model, amount: float, calibration: list, block: int = 128, damp: float = 0.01,
-                    runtime: Runtime | None = None, batch_size: int = 8) -> dict[str, float]:
+                    runtime: Runtime | None = None, batch_size: int = 8, clock: PhaseClock | None = None) -> dict[str, float]:
     """SparseGPT (Frantar & Alistarh, 2023): prune with the inverse Hessian H = X^T X of each Linear's
     calibration inputs, and update the weights not pruned to make up for the ones that were (optimal
     brain surgeon, column by column; the mask is chosen per block of `block` columns by w^2 / [H^-1]_jj^2).
@@ -199,7 +200,7 @@ def sparsegpt_prune(model, amount: float, calibration: list, block: int = 128, d
         for m, w in zip(linears, sparsegpt_weights(W, Hinv, dead, amount, block, groups=sizes).split(sizes)):
             m.weight.data.copy_(w.to(m.weight.dtype))
 
-    return _calibrated_prune(model, calibration, "hessian", prune_linears, runtime, batch_size)
+    return _calibrated_prune(model, calibration, "hessian", prune_linears, runtime, batch_size, clock)
 
 
 def sparsegpt_weights(W, Hinv, dead, amount: float, block: int = 128, groups: list[int] | None = None, sub: int = 16):
@@ -279,15 +280,20 @@ def calibration_batches(calibration: list, batch_size: int) -> list[tuple]:
 
 
 def _calibrated_prune(model, calibration: list, stat: str, prune_linears, runtime: Runtime | None = None,
-                      batch_size: int = 8) -> dict[str, float]:
+                      batch_size: int = 8, clock: PhaseClock | None = None) -> dict[str, float]:
     """Prune decoder blocks one after another, as Wanda and SparseGPT do: each block's Linear layers are
     pruned from statistics of their inputs (`norms`: per-feature sum of squares; `hessian`: X^T X), and
     those inputs come from the blocks before it, already pruned. The calibration sequences run through a
     block `batch_size` at a time (padded; padding positions are left out of the statistics, so the result
     does not depend on the batch size beyond rounding). With a bf16 `runtime` the blocks run under its
     autocast (the statistics are still summed from fp32 products). `prune_linears(linears, statistic)` is
-    called once per input of a block, with every Linear that reads it (q, k and v; gate and up; o; down)."""
+    called once per input of a block, with every Linear that reads it (q, k and v; gate and up; o; down).
+    `clock` gets the time of each part: prune_capture (the decoder run once to record the first block's inputs),
+    prune_statistics (each block run on its inputs, the statistics summed), prune_solve (`prune_linears`) and
+    prune_propagate (each pruned block run again: the next block's inputs)."""
     import torch
+
+    clock = clock if clock is not None else PhaseClock()
 
     layers = _decoder_layers(model)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model  # the LM head is not needed
@@ -320,7 +326,7 @@ def _calibrated_prune(model, calibration: list, stat: str, prune_linears, runtim
         layer.forward = capture(i)  # an instance attribute: shadows the class's forward until deleted
     model.eval()
     try:
-        with torch.no_grad(), compute():
+        with torch.no_grad(), compute(), clock("prune_capture"):
             for ids, mask in batches:
                 decoder(input_ids=ids, attention_mask=mask, use_cache=False)
     finally:
@@ -359,7 +365,7 @@ def _calibrated_prune(model, calibration: list, stat: str, prune_linears, runtim
 
             hs = [m.register_forward_pre_hook(accumulate) for m in linears]
             try:
-                with compute(layer):
+                with compute(layer), clock("prune_statistics"):
                     for h, (args, kwargs), keep[0] in zip(hidden, captured[i], real):
                         _run_layer(layer, h, args, kwargs)  # for the statistics only: the output is not kept
             finally:
@@ -370,10 +376,11 @@ def _calibrated_prune(model, calibration: list, stat: str, prune_linears, runtim
             for m in linears:
                 groups.setdefault(leader.get(id(m), id(m)), []).append(m)
             for first, group in groups.items():
-                prune_linears(group, stats[first])
+                with clock("prune_solve"):
+                    prune_linears(group, stats[first])
                 for m in group:
                     sparsity[names[id(m)]] = float((m.weight == 0).float().mean())
-            with compute(layer):
+            with compute(layer), clock("prune_propagate"):
                 hidden = [run(layer, h, args, kwargs, k) for h, (args, kwargs), k in zip(hidden, captured[i], real)]
     return sparsity
 
@@ -397,18 +404,18 @@ def _run_layer(layer, hidden, args, kwargs):
 
 
 def prune(model, method: str, amount: float, calibration: list | None = None,
-          runtime: Runtime | None = None, batch_size: int = 8) -> dict[str, float]:
+          runtime: Runtime | None = None, batch_size: int = 8, clock: PhaseClock | None = None) -> dict[str, float]:
     """Prune `amount` of each decoder Linear's weights in place; wanda and sparsegpt calibrate on `calibration`
     (token id tensors, `batch_size` at a time), running the blocks under `runtime`'s autocast when given.
-    Returns the sparsity per layer."""
+    Returns the sparsity per layer; `clock` gets the calibrated methods' parts (`_calibrated_prune`)."""
     if method == "magnitude":
         return magnitude_prune(model, amount)
     if method in ("wanda", "sparsegpt"):
         if not calibration:
             raise ValueError(f"{method} pruning needs calibration examples from the training split")
         if method == "wanda":
-            return wanda_prune(model, amount, calibration, runtime, batch_size)
-        return sparsegpt_prune(model, amount, calibration, runtime=runtime, batch_size=batch_size)
+            return wanda_prune(model, amount, calibration, runtime, batch_size, clock)
+        return sparsegpt_prune(model, amount, calibration, runtime=runtime, batch_size=batch_size, clock=clock)
     raise ValueError(f"unknown pruning method {method!r}")
 
 
@@ -641,7 +648,7 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
             calibration = (calibration_inputs(tokenizer, (calibration_examples or [])[: cfg.calibration_examples],
                                               cfg.calibration_max_tokens) if cfg.prune_method != "magnitude" else None)
             layer_sparsity = prune(model, cfg.prune_method, cfg.prune_amount, calibration, runtime,
-                                   cfg.calibration_batch_size)
+                                   cfg.calibration_batch_size, clock)
         # not timed: dense kernels multiply its zeros like any weight, so its speed and memory are the merged
         # model's (bench/optimize.py: 21.2 against 21.6 tok/s)
         pruned, pruned_scores = measured(f"pruned_{cfg.prune_method}_{round(cfg.prune_amount * 100)}pct", model, t0,
