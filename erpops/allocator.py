@@ -95,15 +95,14 @@ class BudgetStats:
 
 
 @contextlib.contextmanager
-def resident_budget(budget_bytes: int, interval_s: float = 0.01, min_gap_s: float = 0.1,
-                    allocator: Jemalloc | None = None):
+def resident_budget(budget_bytes: int, interval_s: float = 0.01, min_gap_s: float = 0.1):
     """Within the block, freed memory stays with the process until its resident set passes `budget_bytes`,
     then it all goes back at once (see the module docstring). Yields a `BudgetStats`, or None where the process
     does not run under jemalloc (nothing changes then). On exit the previous decay is back and the freed
     pages are given back. The watcher reads /proc/self/statm every `interval_s` and purges at most every
     `min_gap_s`: where live memory alone passes the budget, freed pages go back within that time, as a short
     decay would return them."""
-    je = allocator or Jemalloc.loaded()
+    je = Jemalloc.loaded()
     if je is None or budget_bytes <= 0:
         yield None
         return
