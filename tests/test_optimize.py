@@ -222,6 +222,43 @@ def test_failed_pruning_and_quantization_fall_back(tiny_model_dir, corpus, tmp_p
     assert load_int8(result.int8_dir) is not None
 
 
+def test_conversion_runs_in_process_and_leaves_the_process_as_it_was(tiny_model_dir, tmp_path, capfd):
+    """llama.cpp's converter runs its command line here: on success and on failure, argv, the root logger and the
+    converter's loggers are as before, nothing reaches this process's output, and a failure names its cause and
+    leaves no file."""
+    import logging
+    import shutil
+    import sys
+
+    from gguf import GGUFReader
+
+    from training.gguf import CONVERTER_LOGGERS, convert
+
+    root = logging.getLogger()
+
+    def state():
+        return (list(sys.argv), list(root.handlers), root.level,
+                [(logging.getLogger(n).level, logging.getLogger(n).propagate, list(logging.getLogger(n).handlers))
+                 for n in CONVERTER_LOGGERS])
+
+    before = state()
+    path = convert(tiny_model_dir, tmp_path / "model-q8_0.gguf", "q8_0")
+    assert state() == before
+    assert {t.name for t in GGUFReader(path).tensors} >= {"token_embd.weight", "blk.0.attn_q.weight"}
+    assert not list(tmp_path.glob("*.partial"))
+    out, err = capfd.readouterr()
+    assert "Writing" not in out + err and "hf-to-gguf" not in out + err
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    config = (broken / "config.json").read_text().replace('"LlamaForCausalLM"', '"NoSuchModelForCausalLM"')
+    (broken / "config.json").write_text(config)
+    with pytest.raises(RuntimeError, match=r"(?s)GGUF conversion to f16 failed \(exit 1\).*NoSuchModelForCausalLM"):
+        convert(broken, tmp_path / "broken-f16.gguf", "f16")
+    assert state() == before
+    assert not (tmp_path / "broken-f16.gguf").exists() and not list(tmp_path.glob("*.partial"))
+
+
 def test_choose_gguf_is_a_pure_decision():
     from pathlib import Path
 
