@@ -111,7 +111,13 @@ class RunSummary:
 
 
 class PhaseClock(dict):
-    """Wall seconds per named phase of a stage; `with clock("prune"):` adds the block's time to that phase."""
+    """Wall seconds per named phase of a stage (to the microsecond); `with clock("prune"):` adds the block's time to
+    that phase. The sums are kept exact and only the values shown are rounded: a phase entered many times for less
+    than the rounding step (a small model's per-layer solve) still adds up."""
+
+    def __init__(self):
+        super().__init__()
+        self._exact: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
@@ -119,7 +125,8 @@ class PhaseClock(dict):
         try:
             yield
         finally:
-            self[phase] = round(self.get(phase, 0.0) + time.perf_counter() - t0, 3)
+            self._exact[phase] = self._exact.get(phase, 0.0) + time.perf_counter() - t0
+            self[phase] = round(self._exact[phase], 6)
 
 
 def reset_peak_rss() -> bool:

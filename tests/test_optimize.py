@@ -206,7 +206,7 @@ def test_failed_pruning_and_quantization_fall_back(tiny_model_dir, corpus, tmp_p
     saved = json.loads((tmp_path / "strict" / "optimize.json").read_text())
     assert saved["pruning"]["keep"] is False and saved["shipped"] == "f16"
     parts = [saved["seconds"][f"prune_{p}"] for p in ("capture", "statistics", "solve", "propagate")]
-    assert all(p > 0 for p in parts) and sum(parts) <= saved["seconds"]["prune"] + 0.002  # the prune's profile
+    assert all(p > 0 for p in parts) and sum(parts) <= saved["seconds"]["prune"] + 1e-5  # the prune's profile
     names = [v["name"] for v in saved["variants"]]
     assert names == ["merged_fp32", "pruned_wanda_30pct", "int8_torchao", "gguf_q8_0", "gguf_f16"]  # f16: the fallback
     assert all(v["perplexity"] > 0 for v in saved["variants"])
