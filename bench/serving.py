@@ -7,7 +7,7 @@ a minute.
 Measures, through HTTP:
   - chat p50, uncached vs cached (the same questions again: the response cache answers);
   - chat throughput from 32 concurrent clients, with dynamic batching (32 requests or 100 ms) vs one by one
-    (batch_max 1: the batcher sends a single request at a time);
+    (batch_max 1 and batch_in_flight 1: the batcher sends a single request at a time);
   - the canary router's cost per question: the session hash alone (serving.canary.route), the whole canary path
     in-process (canary state from the ledger, routing, recording the call), and chat p50 over HTTP with a canary
     running (50% of conversations on a second release) against p50 without one (before and after it).
@@ -56,8 +56,8 @@ def main() -> None:
     setup_process(REPO / ".erpops")
     with served_world(Path(tempfile.mkdtemp(prefix="bench-serving-")), trace=False) as world:
         world.double.generate_delay_s = args.model_s
-        one_by_one = Service.from_settings(world.service.settings.model_copy(update={"batch_max": 1}),
-                                           deploy=world.cfg, mlflow=world.mlflow)
+        one_at_a_time = world.service.settings.model_copy(update={"batch_max": 1, "batch_in_flight": 1})
+        one_by_one = Service.from_settings(one_at_a_time, deploy=world.cfg, mlflow=world.mlflow)
         with live_server(world.app) as url, live_server(create_app(one_by_one)) as url_serial, \
                 httpx.Client(timeout=120, headers={"X-API-Key": world.keys["operator"]}) as http:
             for base in (url, url_serial):  # loads each service's embedder
@@ -88,7 +88,7 @@ def main() -> None:
                 return len(asks) / (time.perf_counter() - t0)
 
             batched, serial = throughput(url), throughput(url_serial)
-            batches = world.service.batcher.batches[-8:]
+            batches = list(world.service.batcher.batches)[-8:]
 
             def fresh_p50(n: int) -> float:
                 return p50([f"How do I post a goods issue, {uuid.uuid4().hex[:8]}?" for _ in range(n)])[0]

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_contracts import checks
+from data_contracts import checks, rules
 from data_contracts.loaders import Row, load_jsonl, load_markdown_docs
 from data_contracts.report import ValidationReport, Violation
 from erpops.config import DataConfig
@@ -91,7 +91,8 @@ def _chat_frame(data: dict) -> dict:
 
 
 def validate_sources(cfg: DataConfig, extra_template_tokens: tuple[str, ...] = ()) -> tuple[ValidationReport, Corpus]:
-    """Load and check all three sources; never raises on bad data, the report says what is wrong."""
+    """Load and check all three sources (and the feedback files); never raises on bad data, the report says what
+    is wrong. An id must be unique across them all (`id.duplicate`)."""
     report = ValidationReport()
     corpus = Corpus()
     ctx = _gx_context()
@@ -130,13 +131,13 @@ def validate_sources(cfg: DataConfig, extra_template_tokens: tuple[str, ...] = (
         report.violations += gx_violations
         report.gx_results[source] = gx_result
         keep.extend(dict(r.data, _line=r.line, _file=str(path)) for r in good)
+    report.violations += rules.duplicate_id_violations(corpus.qa_pairs + corpus.chat_logs + corpus.feedback)
     return report, corpus
 
 
 def check_corpus(cfg: DataConfig, tokenizer=None):
     """Every contract: sources (GX + row rules), then the split dataset (duplicates, leakage, coverage,
     token length when a tokenizer is given). Returns (report, corpus, dataset or None when blocked)."""
-    from data_contracts import rules
     from data_contracts.dataset import build_dataset
     from erpops.config import MODULES
 

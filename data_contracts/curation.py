@@ -97,6 +97,7 @@ def _dedup(rows: list[dict], existing: list[str], threshold: float) -> tuple[lis
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    """One row a line: line n holds rows[n - 1] (json.dumps escapes every newline inside a value)."""
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -131,18 +132,19 @@ def land_feedback(cfg: DataConfig, corrections: Sequence[dict], actor: str, toke
         staged = cfg.model_copy(update={"feedback": str(staging.resolve())})
         for _ in range(len(rows) + 1):  # each pass drops the rows the contracts refused; then check again
             _write_jsonl(path, rows)
+            row_at = dict(enumerate(rows, start=1))
             report, corpus, ds = check_corpus(staged, tokenizer)
             bad = {}
             for v in report.violations:
                 refuses = v.severity == "error" or v.rule.startswith("duplicate.")
-                if refuses and v.line and Path(v.file).resolve() == path:
+                if refuses and v.line in row_at and Path(v.file).resolve() == path:
                     bad.setdefault(v.line, v)
             if not bad and ds is not None:
                 break
-            if not bad:  # a failure elsewhere: not this export's to fix
+            if not bad:  # a failure elsewhere, or at no row of this export: not this export's to fix
                 raise DataContractError(report)
             for line, v in sorted(bad.items()):
-                out.rejected.append(Rejected(rows[line - 1]["trace_id"], v.rule, v.detail))
+                out.rejected.append(Rejected(row_at[line]["trace_id"], v.rule, v.detail))
             rows = [r for i, r in enumerate(rows, 1) if i not in bad]
             if not rows:
                 return out

@@ -6,8 +6,9 @@
 A bundle is a tar.gz of `manifest.json` (the release record, the embedding model and dimension, and the sha256
 and size of every other file), `model.gguf`, `Modelfile` and `kb.jsonl` (the knowledge base's rows: text,
 metadata and vectors, so the other side needs no embedding run). Import checks every file against the manifest,
-and the GGUF against the release's own sha256, before anything is written; a corrupted byte is refused with the
-file named. Then it builds the collection from the rows, creates the Ollama model and switches the environment
+the GGUF against the release's own sha256 and the manifest's Modelfile settings (what the Ollama model is created
+from) against the checksummed Modelfile, before anything is written; a corrupted byte is refused with the file
+named. Then it builds the collection from the rows, creates the Ollama model and switches the environment
 like any release (deployment.deploy).
 """
 
@@ -85,8 +86,9 @@ def export_bundle(release: Release, gguf: Path, spec: ModelfileSpec, milvus_uri:
 
 
 def open_bundle(path: Path, dest: Path) -> tuple[Release, ModelfileSpec, dict, Path]:
-    """Unpack and verify: every file present, its size and sha256 as the manifest says, the GGUF the release's.
-    Returns (release, Modelfile spec, manifest, folder). Raises BundleError naming the first bad file."""
+    """Unpack and verify: every file present, its size and sha256 as the manifest says, the GGUF the release's, the
+    manifest's Modelfile settings rendering to exactly the bundled Modelfile. Returns (release, Modelfile spec,
+    manifest, folder). Raises BundleError naming the first bad file."""
     try:
         with tarfile.open(path, "r:gz") as tar:
             names = tar.getnames()
@@ -101,8 +103,9 @@ def open_bundle(path: Path, dest: Path) -> tuple[Release, ModelfileSpec, dict, P
         release = Release(**{f.name: manifest["release"][f.name] for f in fields(Release)})
         spec_d = manifest["modelfile_spec"]
         spec = ModelfileSpec(spec_d["template"], spec_d["system"], tuple(spec_d["stop"]), spec_d["parameters"])
+        rendered = spec.render("model.gguf")
         listed = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise BundleError(f"{path}: {MANIFEST} is missing or damaged ({type(e).__name__}: {e})") from None
     for name in FILES:
         p = dest / name
@@ -112,7 +115,25 @@ def open_bundle(path: Path, dest: Path) -> tuple[Release, ModelfileSpec, dict, P
             raise BundleError(f"{path}: {name} does not match its sha256 in {MANIFEST} (corrupted or altered); nothing imported")
     if listed["model.gguf"]["sha256"] != release.gguf_sha256:
         raise BundleError(f"{path}: model.gguf is not release {release.release_id}'s GGUF ({release.gguf_sha256})")
+    differs = modelfile_difference(rendered, (dest / "Modelfile").read_bytes().decode("utf-8", errors="replace"))
+    if differs:
+        raise BundleError(f"{path}: {MANIFEST}'s modelfile_spec is not the bundled Modelfile ({differs}); "
+                          "nothing imported")
     return release, spec, manifest, dest
+
+
+def modelfile_difference(rendered: str, modelfile: str) -> str | None:
+    """How the Modelfile a manifest's spec renders to differs from the bundled `modelfile` (lines only in one of
+    them), or None when they are the same text. The Ollama model is created from the spec, and only the Modelfile
+    is checksummed. Pure."""
+    if rendered == modelfile:
+        return None
+    ours, theirs = rendered.splitlines(), modelfile.splitlines()
+    only_spec = [line for line in ours if line not in theirs]
+    only_file = [line for line in theirs if line not in ours]
+    parts = [f"only in {MANIFEST}: {only_spec}" if only_spec else "",
+             f"only in Modelfile: {only_file}" if only_file else ""]
+    return "; ".join(p for p in parts if p) or "the same lines in another order or spacing"
 
 
 def read_kb_rows(folder: Path) -> list[dict]:

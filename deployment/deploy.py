@@ -12,7 +12,10 @@ switch both (the env's collection alias, then its Ollama tags `:<env>` / `:<env>
 alias in the MLflow registry). A failure while preparing drops what was built; a failure in the second or
 third switch puts the earlier ones back. Each switch is written to the release ledger as `switching` first,
 so a process that dies between the two halves leaves a trace that `reconcile` undoes at the next command.
-No Ollama server at the environment's host is not a failure: that half is skipped and said so.
+No Ollama server at the environment's host is not a failure: that half is skipped and said so. A release whose
+Ollama half was skipped has no model on the server: switching to it creates one from the registered GGUF first
+(`gguf_for`), and until then a switch, undo or reconcile deletes the env tag it would have copied. Work after a
+switch that happened (retention) is never a failed release: it is a warning on the outcome.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +32,7 @@ from pathlib import Path
 
 from deployment.canaries import CanaryLedger
 from deployment.modelfile import ModelfileSpec
-from deployment.ollama_deploy import (HEALTH_PROMPTS, delete_tag, ollama_host, prepare_model, reachable,
+from deployment.ollama_deploy import (HEALTH_PROMPTS, delete_tag, held_tags, ollama_host, prepare_model, reachable,
                                       set_env_tags)
 from deployment.releases import (Release, ReleaseLedger, collection_name, corpus_digest, env_stack, new_release_id,
                                  pending_switch, utc_now)
@@ -71,6 +76,8 @@ class ReleaseOutcome:
     health: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
     collected: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+    """What failed after the switch happened (retention): the release serves all the same."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -128,10 +135,10 @@ def release_version(cfg: DeployConfig, settings: MLflowSettings, env: str, versi
         out = _build(cfg, settings, target, ledger, version, gguf, spec, docs, golden, actor, expected_sha256)
         try:
             _switch(cfg, settings, target, ledger, out, "deploy", actor, reason)
-        except ReleaseError:  # the switch was put back: what was built for it serves nowhere
-            _drop_built(cfg, target, out)
+        except ReleaseError:
+            _drop_if_put_back(cfg, target, ledger, out)
             raise
-        out.collected = collect(cfg, settings)
+        _collect_after_switch(cfg, settings, out)
     return out
 
 
@@ -164,7 +171,7 @@ def switch_release(cfg: DeployConfig, settings: MLflowSettings, env: str, releas
         out = ReleaseOutcome(env, "deploy", release=ledger.release(release_id), previous=current)
         _ensure_model(cfg, target, out, gguf_for, _failer(ledger, out, target, release_id, current, actor))
         _switch(cfg, settings, target, ledger, out, "deploy", actor, reason)
-        out.collected = collect(cfg, settings)
+        _collect_after_switch(cfg, settings, out)
     return out
 
 
@@ -207,12 +214,35 @@ def _drop_built(cfg: DeployConfig, target: EnvTarget, out: ReleaseOutcome) -> No
         delete_tag(target.host, out.release.ollama_tag)
 
 
+def _drop_if_put_back(cfg: DeployConfig, target: EnvTarget, ledger: ReleaseLedger, out: ReleaseOutcome) -> None:
+    """After a switch that failed: when it was put back, what was built for it serves nowhere and is dropped. When
+    its undo failed too (the `switching` event is still last) the alias may still point at it: the next command's
+    reconcile puts the environment back and retention drops it then. Best effort: the switch's error is the one
+    the caller reports."""
+    if pending_switch(ledger.events(), target.name) is not None:
+        return
+    try:
+        _drop_built(cfg, target, out)
+    except Exception as e:
+        log.warning("release %s: could not drop %s after its switch failed (%s); retention drops it later",
+                    target.name, out.release.release_id, e)
+
+
+def _collect_after_switch(cfg: DeployConfig, settings: MLflowSettings, out: ReleaseOutcome) -> None:
+    """Retention after a switch that happened: a failure here is a warning on the outcome, never a failed release
+    (the new release serves; the next release collects again)."""
+    try:
+        out.collected = collect(cfg, settings)
+    except Exception as e:
+        out.warnings.append(f"retention after the switch failed: {type(e).__name__}: {e}")
+        log.warning("release %s: %s", out.env, out.warnings[-1])
+
+
 def import_release(cfg: DeployConfig, settings: MLflowSettings, env: str, bundle: Path, actor: str,
                    reason: str = "") -> ReleaseOutcome:
     """Serve a release carried in as a bundle (deployment.bundle): every checksum verified first, then its
     collection written from the bundled rows (no embedding run), its GGUF created in Ollama, and `env` switched."""
     import dataclasses
-    import tempfile
 
     from deployment.bundle import open_bundle, read_kb_rows
     from deployment.vector_store import nearest_self_check, write_collection
@@ -253,7 +283,13 @@ def import_release(cfg: DeployConfig, settings: MLflowSettings, env: str, bundle
             out.seconds["ollama"] = time.perf_counter() - t0
             if release.release_id not in known:
                 ledger.add_release(release)
-            _switch(cfg, settings, target, ledger, out, "deploy", actor, f"bundle {bundle.name}: {reason}".rstrip(": "))
+            why = f"bundle {bundle.name}: {reason}".rstrip(": ")
+            try:
+                _switch(cfg, settings, target, ledger, out, "deploy", actor, why)
+            except ReleaseError:
+                if built:
+                    _drop_if_put_back(cfg, target, ledger, out)
+                raise
     return out
 
 
@@ -300,7 +336,7 @@ def rollback_serving(cfg: DeployConfig, settings: MLflowSettings, env: str, acto
                      gguf_for=None) -> tuple[ReleaseOutcome, str | None, str | None]:
     """`rollback_env`, and in the release environment (where champions go) the champion goes back with it when it
     is what the environment serves. Returns (outcome, champion after, why the champion stayed or None). If
-    serving cannot follow, the registry's aliases are put back: nothing changes."""
+    serving cannot follow, whatever the error, the registry's aliases are put back and the error re-raised."""
     from registry.promote import read_champion, restore_aliases, rollback_registry
 
     target = env_target(cfg, env)
@@ -315,22 +351,42 @@ def rollback_serving(cfg: DeployConfig, settings: MLflowSettings, env: str, acto
             stayed = str(e)
     try:
         out = rollback_env(cfg, settings, target.name, actor, reason, gguf_for=gguf_for)
-    except (ValueError, ReleaseError) as e:
+    except BaseException as e:
         if plan is not None:
-            restore_aliases(settings, plan, (settings.aliases.champion, settings.aliases.previous),
-                            reason=f"rollback of {target.name} undone: serving could not follow: {e}")
+            try:
+                restore_aliases(settings, plan, (settings.aliases.champion, settings.aliases.previous),
+                                reason=f"rollback of {target.name} undone: serving could not follow: {e}")
+            except Exception as undo:
+                log.error("registry: could not put the aliases back after the rollback of %s failed (%s)",
+                          target.name, undo)
         raise
     return out, read_champion(settings).version, stayed
 
 
-def registry_gguf_fetcher(settings: MLflowSettings):
-    """For a release whose Ollama tag an environment's host lacks: a function fetching its GGUF from the registry."""
-    def fetch(release: Release):
-        import tempfile
+@dataclass
+class RegistryGGUF:
+    """A `gguf_for` that fetches from the registry: for a release whose Ollama tag an environment's host lacks, its
+    GGUF and Modelfile settings, downloaded into a temporary folder. `_ensure_model` discards the folder once the
+    model is created from it (or failed to be); a caller that uses the files itself calls `discard()` when done."""
 
-        return registered_bundle(settings.tracking_uri, settings.registered_model_name, release.model_version,
-                                 Path(tempfile.mkdtemp(prefix=f"release-{release.release_id}-")))
-    return fetch
+    settings: MLflowSettings
+    folders: list[Path] = field(default_factory=list)
+
+    def __call__(self, release: Release) -> tuple[Path, ModelfileSpec]:
+        folder = Path(tempfile.mkdtemp(prefix=f"release-{release.release_id}-"))
+        self.folders.append(folder)
+        return registered_bundle(self.settings.tracking_uri, self.settings.registered_model_name,
+                                 release.model_version, folder)
+
+    def discard(self) -> None:
+        """Remove every folder fetched into so far."""
+        while self.folders:
+            shutil.rmtree(self.folders.pop(), ignore_errors=True)
+
+
+def registry_gguf_fetcher(settings: MLflowSettings) -> RegistryGGUF:
+    """For a release whose Ollama tag an environment's host lacks: a function fetching its GGUF from the registry."""
+    return RegistryGGUF(settings)
 
 
 def reconcile(cfg: DeployConfig, settings: MLflowSettings, target: EnvTarget, actor: str) -> str | None:
@@ -430,9 +486,13 @@ def _ensure_model(cfg: DeployConfig, target: EnvTarget, out: ReleaseOutcome, ggu
         if tag_digest(ollama.Client(host=target.host, timeout=30), r.ollama_tag) is None:
             if gguf_for is None:
                 raise RuntimeError(f"{r.ollama_tag} is not on {target.host} and no GGUF was given to create it")
-            gguf, spec = gguf_for(r)
-            prepare_model(target.host, cfg.ollama_model, r.release_id, gguf, r.gguf_sha256, spec,
-                          _prompts(cfg), cfg.health_max_latency_s, cfg.ollama_timeout_s)
+            try:
+                gguf, spec = gguf_for(r)
+                prepare_model(target.host, cfg.ollama_model, r.release_id, gguf, r.gguf_sha256, spec,
+                              _prompts(cfg), cfg.health_max_latency_s, cfg.ollama_timeout_s)
+            finally:  # the model is on the server now (or failed): the downloaded GGUF is not needed
+                if isinstance(gguf_for, RegistryGGUF):
+                    gguf_for.discard()
         else:
             health_check(ollama.Client(host=target.host, timeout=cfg.ollama_timeout_s), r.ollama_tag,
                          _prompts(cfg), cfg.health_max_latency_s)
@@ -472,14 +532,19 @@ def _switch(cfg: DeployConfig, settings: MLflowSettings, target: EnvTarget, ledg
 
 def _apply(cfg: DeployConfig, settings: MLflowSettings, target: EnvTarget, current: Release | None,
            previous: Release | None, ollama: bool = True) -> None:
-    """Make the environment serve `current` (None: nothing): alias, Ollama tags, registry alias, in that order."""
+    """Make the environment serve `current` (None: nothing): alias, Ollama tags, registry alias, in that order.
+    `<env>` and `<env>-previous` become copies of the two releases' tags where the env's server holds them, and are
+    deleted where it does not (a release whose Ollama half was skipped, a tag retention dropped): a tag that is not
+    there is never copied, so no switch, undo or reconcile fails on it."""
     if current is None:
         drop_alias(cfg.milvus_uri, target.alias)
     else:
         point_alias(cfg.milvus_uri, target.alias, current.collection)
     if ollama and reachable(target.host):
-        set_env_tags(target.host, cfg.ollama_model, target.name, current.ollama_tag if current else None,
-                     previous.ollama_tag if previous else None, cfg.ollama_timeout_s)
+        held = held_tags(target.host, cfg.ollama_timeout_s)
+        current_tag, previous_tag = (r.ollama_tag if r is not None and r.ollama_tag in held else None
+                                     for r in (current, previous))
+        set_env_tags(target.host, cfg.ollama_model, target.name, current_tag, previous_tag, cfg.ollama_timeout_s)
     _set_registry_alias(settings, target.name, current.model_version if current else None)
 
 

@@ -129,6 +129,13 @@ def tag_digest(client, tag: str) -> str | None:
     return None
 
 
+def held_tags(host: str, timeout_s: float = 30.0) -> set[str]:
+    """Every `name:tag` the server holds."""
+    import ollama
+
+    return {m.model for m in ollama.Client(host=host, timeout=timeout_s).list().models}
+
+
 @dataclass(frozen=True)
 class PreparedModel:
     tag: str

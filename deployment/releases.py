@@ -87,7 +87,8 @@ class Release:
     corpus_digest: str
     """sha256 over the documents the collection was built from."""
     ollama_tag: str
-    """`<ollama_model>:<release_id>`, the Ollama model this release created."""
+    """`<ollama_model>:<release_id>`, the Ollama model of this release on any host that has it. Where the Ollama
+    half was skipped (no server answered) no host has it until a switch to the release creates it."""
     created_at: str
     """UTC, ISO 8601."""
     actor: str

@@ -14,8 +14,9 @@ measurement beyond `failure_limit` aborts at once; an inconclusive window (too l
 a successful window moves to the next weight, and after the last one the environment is switched to the canary's
 release (`deployment.deploy.switch_release`: both halves and the registry alias, or none). An abort sets the weight
 to 0 and writes a `failed` event to the release ledger; the environment's Ollama tag and collection alias were
-never moved, so the stable release keeps serving without a switch. The chat service routes by the state replayed
-from the canary ledger (deployment/canaries.py), so every replica follows the same weight.
+never moved, so the stable release keeps serving without a switch (a promotion that stopped half-way is put back
+first). The chat service routes by the state replayed from the canary ledger (deployment/canaries.py), so every
+replica follows the same weight.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 from deployment.canaries import CanaryLedger, CanaryState
-from deployment.deploy import ReleaseError, env_target, prepare_release, release_lock, switch_release
+from deployment.deploy import ReleaseError, env_target, prepare_release, reconcile, release_lock, switch_release
 from deployment.modelfile import ModelfileSpec
 from deployment.releases import ReleaseLedger, utc_now
 from erpops.config import CanaryPolicy, DeployConfig, MLflowSettings
@@ -158,8 +159,13 @@ def _act(cfg: DeployConfig, settings: MLflowSettings, ledger: CanaryLedger, stat
 
 def _abort(cfg: DeployConfig, settings: MLflowSettings, ledger: CanaryLedger, state: CanaryState, actor: str,
            reason: str, verdict: Verdict | None = None) -> dict:
+    """Weight 0 at once; then, under the release lock, a switch of the environment that stopped half-way (a
+    promotion killed between its halves, or one whose undo failed) is put back to what the ledger says serves
+    before the `failed` event is written, since that event would hide it from `pending_switch`. If the put-back
+    fails, its error propagates and the `switching` event stays last for the next command to reconcile."""
     ledger.write(state, "abort", actor, weight=0.0, reason=reason)
     with release_lock(settings):  # never between another command's `switching` and its switch
+        reconcile(cfg, settings, env_target(cfg, state.env), actor)
         ReleaseLedger(settings).event(state.env, "failed", state.release_id, state.stable_release, actor,
                                       f"canary {state.canary_id} aborted at {state.weight:g}%: {reason}")
     log.warning("canary %s aborted: %s; %s serves alone", state.canary_id, reason, state.stable_release)

@@ -6,12 +6,15 @@ environment together. Wiring only (deployment.deploy does the work).
     (promotion to champion)                              # release/release-staging starts by its event trigger
 
 If the release fails, the environment serves what it served before; given `restore` (the alias plan of the
-promotion that made this version champion, from `erpops run`), the registry goes back too.
+promotion that made this version champion, from `erpops run`), the registry goes back too. Once the environment
+has switched, the release stands: what fails after it (retention, the version's tags) is a warning in the switch
+stage's outputs.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -61,9 +64,6 @@ def release(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_config: s
         summary.stages[name].status, summary.stages[name].reason = "pending", None
     try:
         outcome = _release(recipe, settings, env, version, run_dir, reason)
-        _record(summary, outcome)
-        steps.tag_task(settings, version, {f"deploy.{env}.release": outcome.release.release_id,
-                                           f"deploy.{env}.collection": outcome.release.collection})
     except Exception as e:
         stage = e.stage if isinstance(e, ReleaseError) else "deploy_kb"
         if isinstance(e, ReleaseError):
@@ -75,6 +75,9 @@ def release(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_config: s
             plan = AliasPlan(restore["set"], tuple(restore.get("delete", ())), restore.get("before", {}))
             restore_aliases(settings, plan, (settings.aliases.champion, settings.aliases.previous),
                             reason=f"release of v{version} to {env} failed; serving stays as it was")
+    else:
+        _record(summary, outcome)
+        _tag_release(summary, settings, env, version, outcome)
     summary.outputs.update({"released_version": version, "release_env": env})
     path = summary.write()
     publish_summary(summary.to_dict())
@@ -93,13 +96,38 @@ def release(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_config: s
 
 
 def _release(recipe, settings, env: str, version: str, run_dir: Path, reason: str) -> ReleaseOutcome:
-    gguf, spec = steps.bundle_task(settings.tracking_uri, settings.registered_model_name, version,
-                                   Path(tempfile.mkdtemp(prefix=f"release-v{version}-")))
-    data = steps.validate_task.with_options(result_storage=cache_dir(recipe))(recipe.data, recipe.model, run_dir / "data")
-    golden_path = recipe.data.root / "golden_queries.jsonl"
-    golden = read_golden(golden_path) if golden_path.is_file() else None
-    return steps.release_task(recipe.deploy, settings, env, version, gguf, spec, data.docs, golden, current_actor(),
-                              reason, version_tags(settings, version).get("gguf_sha256"))
+    """The release of `version` to `env`. The registered GGUF is downloaded into a temporary folder that is removed
+    when the release is done, unless its Ollama half was skipped: the outcome then points the user at that folder
+    to import the model by hand."""
+    folder = Path(tempfile.mkdtemp(prefix=f"release-v{version}-"))
+    outcome = None
+    try:
+        gguf, spec = steps.bundle_task(settings.tracking_uri, settings.registered_model_name, version, folder)
+        data = steps.validate_task.with_options(result_storage=cache_dir(recipe))(recipe.data, recipe.model,
+                                                                                   run_dir / "data")
+        golden_path = recipe.data.root / "golden_queries.jsonl"
+        golden = read_golden(golden_path) if golden_path.is_file() else None
+        outcome = steps.release_task(recipe.deploy, settings, env, version, gguf, spec, data.docs, golden,
+                                     current_actor(), reason, version_tags(settings, version).get("gguf_sha256"))
+        return outcome
+    except ReleaseError as e:
+        outcome = e.outcome
+        raise
+    finally:
+        if not (outcome and (outcome.ollama or "").startswith("skipped")):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _tag_release(summary: RunSummary, settings, env: str, version: str, o: ReleaseOutcome) -> None:
+    """Tag the version with the release and collection now serving `env`. The environment has switched, so a tag
+    that cannot be written is a warning in the switch stage, not a failed release."""
+    try:
+        steps.tag_task(settings, version, {f"deploy.{env}.release": o.release.release_id,
+                                           f"deploy.{env}.collection": o.release.collection})
+    except Exception as e:
+        warning = f"registry tags of v{version} not written: {type(e).__name__}: {e}"
+        summary.stages[RELEASE_STAGES[-1]].outputs.setdefault("warnings", []).append(warning)
+        log.warning("release of v%s to %s: %s", version, env, warning)
 
 
 def _record(summary: RunSummary, o: ReleaseOutcome) -> None:
@@ -121,4 +149,6 @@ def _record(summary: RunSummary, o: ReleaseOutcome) -> None:
     if "switch" in o.seconds:
         sw.status, sw.duration_s = "ok", round(o.seconds["switch"], 2)
         sw.outputs = {"env": o.env, "release": o.release.release_id, "previous": o.previous, "collected": o.collected}
+        if o.warnings:
+            sw.outputs["warnings"] = list(o.warnings)
         summary.outputs["release_id"] = o.release.release_id

@@ -9,9 +9,10 @@ Every new version gets `candidate`. `champion` (and `previous`, the champion it 
 passing gate, and only while the champion is still the one the decision was based on: a compare-and-set
 under the registry lock, so two promotions based on the same champion cannot both win. Every alias move is
 appended to the promotion ledger (`registry/ledger.py`) under the same lock, after the MLflow call succeeded.
-After each registration or promotion, versions older than the newest `KEEP_VERSIONS` that hold no alias
-lose their heavy artifacts (the logged GGUF model, the run's adapter and merged model); their version
-records, tags and ledger entries stay.
+After each registration or promotion, versions older than the newest `KEEP_VERSIONS` that hold no alias,
+and held none before that promotion's moves (a failed release puts those back), lose their heavy artifacts
+(the logged GGUF model, the run's adapter and merged model); their version records, tags and ledger entries
+stay. Rollback refuses to make a version so pruned champion again.
 
 Decisions are pure functions (`plan_promotion`, `plan_rollback`, `plan_restore`, `stale_champion`,
 `promotion_action`, `plan_retention`); the MLflow calls around them are thin, and a version whose
@@ -23,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Union
@@ -103,11 +104,16 @@ def plan_promotion(aliases: dict[str, str], version: str, passed: bool, names: A
     return AliasPlan(moves)
 
 
-def plan_rollback(aliases: dict[str, str], parent_of: dict[str, str], names: Aliases) -> AliasPlan:
-    """champion <- previous; previous <- the champion that preceded it (its parent), if any."""
+def plan_rollback(aliases: dict[str, str], parent_of: dict[str, str], names: Aliases,
+                  pruned: Collection[str] = frozenset()) -> AliasPlan:
+    """champion <- previous; previous <- the champion that preceded it (its parent), if any. Raises ValueError
+    when no version holds `previous`, or when it is one of `pruned` (retention deleted its artifacts)."""
     if names.previous not in aliases:
         raise ValueError("nothing to roll back to: no version holds the 'previous' alias")
     target = aliases[names.previous]
+    if target in pruned:
+        raise ValueError(f"cannot roll back to version {target} (alias '{names.previous}'): retention deleted its "
+                         "artifacts, so it has nothing to serve; promote a version that still has them")
     parent = parent_of.get(target)
     if parent:
         return AliasPlan({names.champion: target, names.previous: parent})
@@ -259,7 +265,7 @@ def register_version(settings: MLflowSettings, model_uri: str, run_id: str, tags
             except MlflowException as e:
                 log.error("could not delete the half-registered %s version %s: %s", name, version, e)
             raise
-        _retain(client, settings)
+        _retain(client, settings, held=set(plan.before.values()))
     if skipped:
         log.warning("registered %s version %s as candidate only: %s", name, version, skipped)
     log.info("registered %s version %s; aliases set: %s", name, version, plan.set)
@@ -305,7 +311,7 @@ def promote_version(settings: MLflowSettings, version: str, expected_champion: E
             forced = {"promotion.forced_at": ledger.utc_now(), "promotion.forced_by": ledger.current_actor(),
                       "promotion.force_reason": reason}
         _move_and_record(client, settings, plan, action, reason, tags={version: forced} if forced else None)
-        _retain(client, settings)
+        _retain(client, settings, held=set(plan.before.values()))
     return plan
 
 
@@ -314,18 +320,21 @@ def rollback_registry(settings: MLflowSettings, reason: str = "") -> tuple[str, 
 
     The new `previous` is the champion the rolled-back-to version replaced when it was promoted (from the
     ledger; the `parent_champion` tag for versions promoted before the ledger existed), unless retention has
-    deleted that version's artifacts."""
+    deleted that version's artifacts. Raises ValueError (nothing changes) when there is no `previous`, or when
+    retention deleted its artifacts."""
     client = _client(settings)
     names = settings.aliases
     with registry_lock(settings):
         aliases = current_aliases(client, settings.registered_model_name)
-        parent_of = {}
+        parent_of, pruned = {}, set()
         if names.previous in aliases:
             target = aliases[names.previous]
+            if RETENTION_TAG in (client.get_model_version(settings.registered_model_name, target).tags or {}):
+                pruned.add(target)
             parent = _replaced_champion(client, settings, target)
             if parent:
                 parent_of[target] = parent
-        plan = replace(plan_rollback(aliases, parent_of, names), before=aliases)
+        plan = replace(plan_rollback(aliases, parent_of, names, pruned), before=aliases)
         _move_and_record(client, settings, plan, "rollback", reason)
     return plan.set[names.champion], plan
 
@@ -453,15 +462,18 @@ def _replaced_champion(client, settings: MLflowSettings, version: str) -> str | 
     return None if RETENTION_TAG in tags else parent
 
 
-def _retain(client, settings: MLflowSettings, keep: int = KEEP_VERSIONS) -> list[str]:
+def _retain(client, settings: MLflowSettings, keep: int = KEEP_VERSIONS,
+            held: Collection[str] = frozenset()) -> list[str]:
     """Delete the heavy artifacts of the versions `plan_retention` gives up and tag them; returns those done.
-    Never fails the promotion around it: a failure is logged and retried at the next one."""
+    `held`: the versions that held an alias before the promotion just made; they count as aliased, as a failed
+    release restores those aliases (a later promotion prunes them once no alias points at them). Never fails the
+    promotion around it: a failure is logged and retried at the next one."""
     from mlflow.exceptions import MlflowException
 
     name = settings.registered_model_name
     try:
         by_version = {str(mv.version): mv for mv in client.search_model_versions(f"name='{name}'")}
-        aliased = set(current_aliases(client, name).values())
+        aliased = set(current_aliases(client, name).values()) | set(held)
     except MlflowException as e:
         log.warning("retention skipped: cannot list the versions of %s: %s", name, e)
         return []

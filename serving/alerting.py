@@ -91,9 +91,40 @@ def verify(headers: Mapping[str, str], body: bytes, secret: str | None, now: flo
     raise WebhookRefused(401, "webhook without a valid signature or bearer secret")
 
 
+def _kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def payload_problems(payload: object) -> list[str]:
+    """What keeps a decoded webhook body from being an Alertmanager payload (version 4) as far as this service
+    reads one: an object whose `alerts` is a list of objects, each with an optional string `status` and optional
+    `labels` and `annotations` that map names to strings. [] for a payload of that shape. Pure."""
+    if not isinstance(payload, dict):
+        return [f"the body is {_kind(payload)}, not an object"]
+    alerts = payload.get("alerts")
+    if not isinstance(alerts, list):
+        return [f"alerts is {_kind(alerts)}, not a list" if "alerts" in payload else "alerts is missing"]
+    problems = []
+    for i, a in enumerate(alerts):
+        if not isinstance(a, dict):
+            problems.append(f"alerts[{i}] is {_kind(a)}, not an object")
+            continue
+        if "status" in a and not isinstance(a["status"], str):
+            problems.append(f"alerts[{i}].status is {_kind(a['status'])}, not a string")
+        for part in ("labels", "annotations"):
+            value = a.get(part)
+            if part in a and not isinstance(value, dict):
+                problems.append(f"alerts[{i}].{part} is {_kind(value)}, not an object")
+            elif isinstance(value, dict):
+                problems += [f"alerts[{i}].{part}.{k} is {_kind(v)}, not a string" for k, v in value.items()
+                             if not isinstance(v, str)]
+    return problems
+
+
 def retrain_reasons(payload: dict) -> list[str]:
     """The firing alerts of an Alertmanager payload (version 4) that ask for a retrain (label action=retrain),
-    each as a line naming the alert, its release and its summary. Pure."""
+    each as a line naming the alert, its release and its summary. Pure; `payload` has no `payload_problems`."""
     reasons = []
     for a in payload.get("alerts") or []:
         labels, notes = a.get("labels") or {}, a.get("annotations") or {}

@@ -15,6 +15,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
+from starlette.routing import Match
 
 from serving.catalog import UnknownModel
 from serving.keys import Principal
@@ -35,6 +38,8 @@ log = logging.getLogger("erpops.serving")
 
 WEB_DIR = Path(__file__).parent / "web"
 API = "/api/v1"
+LOCAL = Principal("local", "local (auth off)", "admin")
+"""Who calls when the service runs with `auth: false`."""
 
 
 class Error(BaseModel):
@@ -56,6 +61,8 @@ class _App(FastAPI):
     the limit are read here and handed on whole (routes parse JSON bodies whole anyway)."""
 
     max_body: int = 8 * 1024 * 1024
+    on_too_large: Callable[[dict], None] | None = None
+    """Called with the scope of each request answered 413 here (the routes and the audit middleware never see it)."""
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -63,7 +70,7 @@ class _App(FastAPI):
         limit = self.max_body
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return await _send_413(send, limit)
+            return await self._too_large(scope, send, limit)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -72,7 +79,7 @@ class _App(FastAPI):
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > limit:
-                return await _send_413(send, limit)
+                return await self._too_large(scope, send, limit)
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
@@ -85,6 +92,11 @@ class _App(FastAPI):
             return await receive()
 
         await super().__call__(scope, replay, send)
+
+    async def _too_large(self, scope, send, limit: int) -> None:
+        if self.on_too_large is not None:
+            self.on_too_large(scope)
+        await _send_413(send, limit)
 
 
 async def _send_413(send, limit: int) -> None:
@@ -186,6 +198,33 @@ def create_app(service: Service) -> FastAPI:
     app.max_body = s.max_body_bytes
 
     # ---- limits, request log, metrics -------------------------------------------------------------
+    def audited(method: str, path: str) -> bool:
+        """Calls the audit log records: every mutating API call but the chat."""
+        return method in ("POST", "PUT", "PATCH", "DELETE") and path.startswith(API) and path != f"{API}/chat"
+
+    def caller(headers: Headers) -> Principal | None:
+        """Who a request's key names (LOCAL with auth off); None without a valid key. As `role` reads it."""
+        if not s.auth:
+            return LOCAL
+        scheme, _, credentials = headers.get("authorization", "").partition(" ")
+        key = credentials.strip() if scheme.lower() == "bearer" else headers.get("x-api-key", "")
+        return service.keys.verify(key) if key else None
+
+    def audit_too_large(scope: dict) -> None:
+        """A body refused 413 before routing, audited as the route it was sent to would be."""
+        for route in app.router.routes:
+            match, child = route.matches(scope)
+            if match == Match.FULL:
+                break
+        else:
+            return
+        if audited(scope["method"], route.path):
+            params = child.get("path_params", {})
+            service.keys.audit(caller(Headers(scope=scope)), f"{scope['method']} {route.path}",
+                               params.get("model_id") or params.get("env"), 413, f"body over {app.max_body} bytes")
+
+    app.on_too_large = audit_too_large
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
         started = time.perf_counter()
@@ -199,7 +238,7 @@ def create_app(service: Service) -> FastAPI:
         path = getattr(route, "path", "unmatched")
         service.metrics.requests.labels(request.method, path, str(response.status_code)).inc()
         service.metrics.request_seconds.labels(request.method, path).observe(time.perf_counter() - started)
-        if request.method in ("POST", "PUT", "PATCH", "DELETE") and path.startswith(API) and path != f"{API}/chat":
+        if audited(request.method, path):
             target = request.path_params.get("model_id") or request.path_params.get("env")
             outcome = getattr(request.state, "outcome", "")
             service.keys.audit(getattr(request.state, "principal", None), f"{request.method} {path}", target,
@@ -243,7 +282,7 @@ def create_app(service: Service) -> FastAPI:
         def check(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
                   x_api_key: Annotated[str | None, Depends(header_key)]) -> Principal:
             if not s.auth:
-                principal = Principal("local", "local (auth off)", "admin")
+                principal = LOCAL
             else:
                 key = credentials.credentials if credentials else (x_api_key or "")
                 if not key:
@@ -479,10 +518,10 @@ def create_app(service: Service) -> FastAPI:
     @app.post(f"{API}/chat", tags=["chat"], responses={**ERRORS, 200: {
         "description": "The answer; with `stream: true`, NDJSON events (start, delta..., done or error)",
         "content": {"application/x-ndjson": {}}}})
-    def chat(body: ChatRequest, _: Principal = viewer) -> Any:
+    def chat(body: ChatRequest, who: Principal = viewer) -> Any:
         """Ask the ERP assistant: retrieval over the environment's knowledge base, the session's last turns, the
-        answer with its sources."""
-        req = ChatInput(body.message, body.session_id, body.images, body.parameters.model_dump())
+        answer with its sources. A session id names a conversation of the asking key only."""
+        req = ChatInput(body.message, body.session_id, body.images, body.parameters.model_dump(), who.key_id)
         if body.stream:
             events = service.chat_stream(req)
             return StreamingResponse((json.dumps(e, ensure_ascii=False) + "\n" for e in events),

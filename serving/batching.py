@@ -6,13 +6,16 @@ seeds' figures). Callers block on their own result; an error of the batch is eve
     batcher.submit(item)      # from many threads; returns this item's result
 
 The timing rule is `BatchWindow`, a small pure state machine (tested with a fake clock); `DynamicBatcher` adds a
-thread and a condition variable around it.
+thread that forms the batches and a condition variable around it. Each batch runs on a thread of its own, so a slow
+one (a long answer, a provider hanging until its timeout) holds back no batch sent after it; at most
+`max_in_flight` run at once (Ollama batches concurrent requests itself, up to its OLLAMA_NUM_PARALLEL).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -60,15 +63,24 @@ class _Pending(Generic[T]):
 
 
 class DynamicBatcher(Generic[T, R]):
+    """Requests from many threads answered in batches (the `BatchWindow` rule). A due batch goes to a thread of its
+    own while the window goes on filling; while `max_in_flight` batches run, due requests wait, and join the next
+    batch, until one of them ends."""
+
     def __init__(self, run_batch: Callable[[Sequence[T]], Sequence[R]], max_batch: int = 32, max_wait_s: float = 0.1,
-                 clock: Callable[[], float] = time.monotonic, name: str = "batcher"):
-        self.run_batch, self.clock = run_batch, clock
+                 clock: Callable[[], float] = time.monotonic, name: str = "batcher", max_in_flight: int = 8):
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        self.run_batch, self.clock, self.name, self.max_in_flight = run_batch, clock, name, max_in_flight
         self.window = BatchWindow(max_batch, max_wait_s)
-        self.batches: list[int] = []
-        """Sizes of the batches sent, in order (for metrics and tests)."""
+        self.batches: deque[int] = deque(maxlen=1024)
+        """Sizes of the last 1024 batches sent, oldest first (for metrics and tests)."""
+        self.sent = 0
+        """Batches sent since the batcher started."""
         self._queue: list[_Pending[T]] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._in_flight = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -79,7 +91,7 @@ class DynamicBatcher(Generic[T, R]):
                 raise RuntimeError("the batcher is closed")
             self._queue.append(pending)
             self.window.add(self.clock())
-            self._cond.notify()
+            self._cond.notify_all()
         return pending.future.result(timeout_s)
 
     def _loop(self) -> None:
@@ -89,31 +101,52 @@ class DynamicBatcher(Generic[T, R]):
                     if self._closed and not self._queue:
                         return
                     wait = self.window.wait_s(self.clock())
-                    if wait == 0.0 or (self._closed and self._queue):
+                    due = wait == 0.0 or (self._closed and bool(self._queue))
+                    if due and self._in_flight < self.max_in_flight:
                         break
-                    self._cond.wait(wait)
+                    self._cond.wait(None if due else wait)  # due but every slot busy: until a batch ends
                 n = self.window.take(self.clock())
                 if self._closed:
                     n = len(self._queue)
                 batch, self._queue = self._queue[:n], self._queue[n:]
-            self._run(batch)
+                self._in_flight += 1
+                self.batches.append(len(batch))
+                self.sent += 1
+            try:
+                threading.Thread(target=self._run, args=(batch,), name=f"{self.name}-batch", daemon=True).start()
+            except RuntimeError as e:  # no thread to be had: this batch fails, the batcher goes on
+                self._end(batch, error=e)
 
     def _run(self, batch: list[_Pending[T]]) -> None:
-        self.batches.append(len(batch))
         try:
             results = list(self.run_batch([p.item for p in batch]))
             if len(results) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} gave {len(results)} results")
         except BaseException as e:  # every caller of the batch gets the error
-            for p in batch:
-                p.future.set_exception(e)
+            self._end(batch, error=e)
             return
-        for p, r in zip(batch, results):
-            p.future.set_result(r)
+        self._end(batch, results)
 
-    def close(self) -> None:
-        """Send what waits, then stop the thread."""
+    def _end(self, batch: list[_Pending[T]], results: Sequence[R] = (), error: BaseException | None = None) -> None:
+        """Each member gets its result (or the batch's error), and the batch's slot is free again."""
+        try:
+            for i, p in enumerate(batch):
+                if error is None:
+                    p.future.set_result(results[i])
+                else:
+                    p.future.set_exception(error)
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                self._cond.notify_all()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Send what waits, then wait for every batch in flight to end (at most `timeout_s` in all); later
+        submits raise RuntimeError."""
+        deadline = time.monotonic() + timeout_s
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout=30)
+            self._cond.notify_all()
+        self._thread.join(timeout=timeout_s)
+        with self._cond:
+            self._cond.wait_for(lambda: self._in_flight == 0, max(0.0, deadline - time.monotonic()))

@@ -2,8 +2,10 @@
 question with the same conversation, parameters and retrieved context, for `ttl_s` seconds (seeds: 10k entries,
 3600 s). In-process (an LRU) by default; Redis when the service has a Redis URL, so replicas share it.
 
-The key starts with the release id, so a release switch (or rollback) never serves an answer of another release;
-`invalidate(release)` also drops that release's entries at once.
+The key starts with the release id, and `invalidate(release)` drops that release's entries at once. The key names
+the release the ledger said served when the question came; the service stores an answer under it only when that
+release served for the whole of the answer (no switch under way or written meanwhile: `Service.chat`), so a release
+switch (or rollback) never serves an answer of another release.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from deployment.releases import Release, ReleaseEvent, ReleaseLedger, env_stack
+from deployment.releases import Release, ReleaseEvent, ReleaseLedger, env_stack, pending_switch
 from erpops.config import DeployConfig, MLflowSettings
 
 
@@ -31,6 +31,11 @@ class ModelRef:
     """Release behind that tag."""
     envs: dict[str, str] = field(default_factory=dict)
     """Environments where this version is the current or previous release: {env: "current" | "previous"}."""
+    switching: bool = False
+    """For an environment id: a switch of it is under way (the ledger's last event of it is `switching`), so its
+    Ollama tag and collection alias may already be the next release's."""
+    ledger_events: int = 0
+    """For an environment id: how many ledger events it had when this ref was read (every switch adds some)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +63,8 @@ def resolve(model_id: str, cfg: DeployConfig, releases: list[Release], events: l
         current = roles[model_id][0]
         version = _version_of(current, by_id)
         return ModelRef(model_id, version, f"{cfg.ollama_model}:{model_id}" if current else None, current,
-                        {model_id: "current"} if current else {})
+                        {model_id: "current"} if current else {}, pending_switch(events, model_id) is not None,
+                        sum(e.env == model_id for e in events))
     m = re.fullmatch(r"v?(\d+)", model_id.strip())
     if not m or m.group(1) not in versions:
         known = ", ".join(f"v{v}" for v in sorted(versions, key=int)) or "none registered"

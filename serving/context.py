@@ -2,7 +2,9 @@
 after the last turn. In-process by default; Redis when the service is given a URL, so replicas share it.
 
 Both stores keep the same shape: a list of chat messages ({"role": "user"|"assistant", "content": ...}), oldest
-first, at most 2 x max_turns long. Images are not kept (a turn's image is sent with that turn only).
+first, at most 2 x max_turns long. Images are not kept (a turn's image is sent with that turn only). The service
+keeps a conversation under `conversation_key(key id, session id)`: a session id names a conversation of one API
+key only.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ class ContextStore(Protocol):
 
     def ping(self) -> bool:
         """The store answers (for /readyz)."""
+
+
+def conversation_key(owner: str, session: str) -> str:
+    """The stores' key of a conversation: `<owner>/<session>`, the session id under the id of the API key that
+    holds it, so another key naming the same session id reads and writes a conversation of its own."""
+    return f"{owner}/{session}"
 
 
 def _turn(question: str, answer: str) -> list[dict]:
@@ -68,7 +76,8 @@ class MemoryContext:
 
 
 class RedisContext:
-    """One Redis list per session (`erpops:ctx:<session>`), trimmed and given a fresh TTL in the same transaction."""
+    """One Redis list per conversation (`erpops:ctx:<key id>/<session>`), trimmed and given a fresh TTL in the same
+    transaction."""
 
     PREFIX = "erpops:ctx:"
 

@@ -7,12 +7,17 @@ chunks and the answer.
 
 A verdict is the feedback `user_verdict` (true: thumbs up), with the comment as its rationale; a corrected answer
 is the expectation `expected_response`. Both carry the source HUMAN and the API key's id (never the key). One
-verdict per key and trace: a second one is refused (409), not counted twice.
+verdict per key and trace: a second one is refused (409), not counted twice. Within one process this holds for
+simultaneous requests too (a verdict is claimed before it is written); across replicas only for requests that come
+after a verdict was written, since MLflow offers no conditional write: two replicas rated at the same moment by the
+same key may both record one.
 """
 
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
@@ -51,6 +56,29 @@ class FeedbackRow:
         return asdict(self)
 
 
+_CLAIMS: OrderedDict[tuple[str, str], None] = OrderedDict()
+"""(trace id, actor) of the verdicts this process is writing or wrote, newest last: a request that read the trace
+before a simultaneous one wrote its verdict is refused here. The newest 10,000 are plenty: a request's read and
+check are a moment apart."""
+_CLAIMS_LOCK = threading.Lock()
+
+
+def _claim(trace_id: str, actor: str) -> bool:
+    """Take the right to write `actor`'s verdict on a trace; False when this process took it already."""
+    with _CLAIMS_LOCK:
+        if (trace_id, actor) in _CLAIMS:
+            return False
+        _CLAIMS[(trace_id, actor)] = None
+        while len(_CLAIMS) > 10_000:
+            _CLAIMS.popitem(last=False)
+        return True
+
+
+def _unclaim(trace_id: str, actor: str) -> None:
+    with _CLAIMS_LOCK:
+        _CLAIMS.pop((trace_id, actor), None)
+
+
 def _source(actor: str):
     from mlflow.entities import AssessmentSource, AssessmentSourceType
 
@@ -70,16 +98,21 @@ def _trace(trace_id: str, experiment_id: str):
 def record_feedback(trace_id: str, experiment_id: str, verdict: str, actor: str, correction: str | None = None,
                     comment: str | None = None) -> dict:
     """The verdict (and the corrected answer) on the chat's trace. UnknownTrace for a trace that is not a chat of
-    this service; AlreadyRated when `actor` already gave a verdict on it."""
+    this service; AlreadyRated when `actor` already gave a verdict on it, or is giving one in this process now."""
     import mlflow
 
     if verdict not in ("up", "down"):
         raise ValueError(f"verdict must be 'up' or 'down', got {verdict!r}")
     trace = _trace(trace_id, experiment_id)
-    if any(a.name == VERDICT and a.source.source_id == actor for a in trace.info.assessments):
+    rated = any(a.name == VERDICT and a.source.source_id == actor for a in trace.info.assessments)
+    if rated or not _claim(trace_id, actor):
         raise AlreadyRated(f"{actor} already rated the answer of trace {trace_id}")
-    fb = mlflow.log_feedback(trace_id=trace_id, name=VERDICT, value=verdict == "up", source=_source(actor),
-                             rationale=comment or None)
+    try:
+        fb = mlflow.log_feedback(trace_id=trace_id, name=VERDICT, value=verdict == "up", source=_source(actor),
+                                 rationale=comment or None)
+    except BaseException:
+        _unclaim(trace_id, actor)
+        raise
     tags = trace.info.tags or {}
     out = {"trace_id": trace_id, "verdict": verdict, "feedback_id": fb.assessment_id, "correction_id": None,
            "env": tags.get("env"), "version": tags.get("model_version")}

@@ -25,13 +25,13 @@ from deployment.ollama_deploy import answer_problems
 from deployment.releases import Release, ReleaseLedger
 from deployment.rollout import analyze
 from erpops.config import DeployConfig, GateConfig, MLflowSettings
-from serving.alerting import RetrainWindow, SeenSignatures, WebhookRefused, retrain_reasons, verify
+from serving.alerting import RetrainWindow, SeenSignatures, WebhookRefused, payload_problems, retrain_reasons, verify
 from serving.batching import DynamicBatcher
 from serving.cache import ResponseCache, cache_key, response_cache
 from serving.canary import Call, route
 from serving.canary_log import CallLog, MemoryCallLog, call_log
 from serving.catalog import Catalog, ModelRef
-from serving.context import ContextStore, context_store
+from serving.context import ContextStore, context_store, conversation_key
 from serving.keys import KeyStore
 from serving.providers import Deployment, ProviderConfig, ProviderError, Reply, Router, build_provider
 from serving.rag import Retriever, Source, build_messages
@@ -52,6 +52,9 @@ class ChatInput:
     session_id: str | None = None
     images: list[str] = field(default_factory=list)
     parameters: dict = field(default_factory=dict)
+    owner: str = "local"
+    """Id of the API key asking: the conversation's turns are kept under it and the session id together, so a
+    session id names a conversation of this key only ("local": in-process callers, the API with auth off)."""
 
 
 @dataclass
@@ -113,7 +116,7 @@ class Service:
     def __post_init__(self):
         if self.batcher is None and self.settings.batch_wait_s > 0:
             self.batcher = DynamicBatcher(self._generate_batch, self.settings.batch_max, self.settings.batch_wait_s,
-                                          name="erpops-batcher")
+                                          name="erpops-batcher", max_in_flight=self.settings.batch_in_flight)
         self._signatures = SeenSignatures()
         self._retrain_window = RetrainWindow(self.settings.data_dir / "serving.db")
         self.canaries = CanaryLedger(self.mlflow)
@@ -439,7 +442,7 @@ class Service:
 
     # ---- chat -----------------------------------------------------------------------------------
     def _prepare_chat(self, req: ChatInput):
-        ref = self.resolve(self.settings.env)
+        ref = served = self.resolve(self.settings.env)
         self._tag(ref)  # nothing released here yet: 409 before any retrieval or trace
         if ref.release_id != self.serving_release:
             if self.cache is not None and self.serving_release is not None:
@@ -475,13 +478,27 @@ class Service:
         self.metrics.retrieval_hits.labels(env=self.settings.env).observe(len(sources))
         if top is not None:
             self.metrics.retrieval_score.labels(env=self.settings.env).observe(top)
-        messages = build_messages(self.settings.system_prompt, self.context.history(session), req.message, sources,
-                                  req.images)
-        return ref, arm, session, root, sources, messages
+        history = self.context.history(conversation_key(req.owner, session))
+        messages = build_messages(self.settings.system_prompt, history, req.message, sources, req.images)
+        return ref, arm, session, root, sources, messages, served
+
+    def _served_throughout(self, served: ModelRef) -> bool:
+        """The environment served `served`'s release for the whole of an answer begun when `served` was read: no
+        switch was under way then, and its ledger has no event since. A switch moves the Ollama tag and the
+        collection alias before it writes its event (and a failed one moves them back), so an answer made across
+        one may come from either release. A ledger that cannot be read confirms nothing."""
+        if served.switching:
+            return False
+        try:
+            now = self.resolve(self.settings.env)
+        except Exception as e:
+            log.warning("release ledger unreadable after an answer (%s): the answer is not cached", type(e).__name__)
+            return False
+        return (now.release_id, now.ledger_events, now.switching) == (served.release_id, served.ledger_events, False)
 
     def _finish_chat(self, ref: ModelRef, arm: Arm | None, session: str, root, req: ChatInput, sources: list[Source],
                      reply: Reply, cached: bool = False) -> ChatOutput:
-        self.context.append(session, req.message, reply.text)
+        self.context.append(conversation_key(req.owner, session), req.message, reply.text)
         if random.random() < self.settings.language_sample_rate:
             agrees = detect_language(reply.text) == detect_language(req.message)
             self.metrics.language.labels(**self._labels(ref, reply.provider), agrees=str(agrees).lower()).inc()
@@ -512,7 +529,10 @@ class Service:
         return reply, ref, arm
 
     def chat(self, req: ChatInput) -> ChatOutput:
-        ref, arm, session, root, sources, messages = self._prepare_chat(req)
+        """The answer, from the response cache when the same release answered the same conversation, context and
+        parameters before; an answer is stored only when `_served_throughout` confirms its release, so the cache
+        never serves an answer of another release (a rollback within the TTL included)."""
+        ref, arm, session, root, sources, messages, served = self._prepare_chat(req)
         key = (cache_key(ref.release_id, messages, self._options(req.parameters))
                if self.cache is not None and ref.release_id and not req.images else None)
         hit = self.cache.get(key) if key else None
@@ -536,7 +556,7 @@ class Service:
         except Exception as e:
             self.tracer.end(root, error=type(e).__name__)
             raise
-        if key:
+        if key and self._served_throughout(served):
             self.cache.put(key, {"text": reply.text, "model": reply.model, "provider": reply.provider,
                                  "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens})
         return self._finish_chat(ref, arm, session, root, req, sources, reply)
@@ -544,7 +564,7 @@ class Service:
     def chat_stream(self, req: ChatInput) -> Iterator[dict]:
         """NDJSON events: `start` (session, sources, trace id), `delta` (text) ..., then `done` (the whole answer,
         tokens, latency) or `error` (a failure after the stream began; HTTP already said 200)."""
-        ref, arm, session, root, sources, messages = self._prepare_chat(req)
+        ref, arm, session, root, sources, messages, _ = self._prepare_chat(req)
         try:
             self._check_images(ref, req)
             tag = self._tag(ref)
@@ -611,14 +631,16 @@ class Service:
             payload = json.loads(body)
         except ValueError:
             raise WebhookRefused(400, "the webhook body is not JSON") from None
-        if not isinstance(payload, dict):
-            raise WebhookRefused(400, "the webhook body is not an Alertmanager payload (an object)")
-        for a in payload.get("alerts") or []:
+        problems = payload_problems(payload)
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise WebhookRefused(400, f"the webhook body is not an Alertmanager payload: {shown}")
+        for a in payload["alerts"]:
             self.metrics.alerts.labels(alertname=(a.get("labels") or {}).get("alertname", "unknown"),
                                        status=a.get("status", "unknown")).inc()
         reasons = retrain_reasons(payload)
         if not reasons:
-            return {"alerts": len(payload.get("alerts") or []), "retrain": "not asked"}
+            return {"alerts": len(payload["alerts"]), "retrain": "not asked"}
         s = self.settings
         out = self._retrain_window.request(reasons, "alert", s.retrain_window_s, s.env, str(s.recipe),
                                            s.retrain_mlflow_config)

@@ -63,6 +63,8 @@ class ServeSettings(_Strict):
     """Dynamic batching of non-streamed answers (chat, batch-test): a batch goes when this many wait..."""
     batch_wait_s: float = Field(0.1, ge=0)
     """...or this long after the first of them (0: no batching)."""
+    batch_in_flight: int = Field(8, ge=1)
+    """Most batches at the providers at once; a batch sent later does not wait for a slow one before it."""
     canary_analysis: bool = True
     """Judge the environment's running canary from this replica, every `interval_s` of its policy (deploy.canary):
     abort, pause, next step or promote (deployment/rollout.py). False: only `erpops canary promote|abort` move it;

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from serving.alerting import RetrainWindow, SeenSignatures, WebhookRefused, retrain_reasons, sign, verify
+from serving.alerting import (RetrainWindow, SeenSignatures, WebhookRefused, payload_problems, retrain_reasons, sign,
+                              verify)
 
 SECRET = "alert-secret-for-tests"
 PROMETHEUS, ALERTMANAGER = shutil.which("prometheus"), shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
@@ -57,6 +58,19 @@ def test_only_firing_alerts_labelled_retrain_ask_for_one():
     payload = {"alerts": [_alert(), _alert("ErpopsHighErrorRate", action=None), _alert(status="resolved")]}
     assert retrain_reasons(payload) == ["ErpopsWrongLanguage (env=staging version=2): 40% of answers in the wrong language"]
     assert retrain_reasons({"alerts": [_alert(action=None)]}) == [] and retrain_reasons({}) == []
+
+
+def test_a_payload_of_another_shape_is_told_apart_with_every_problem_named():
+    assert payload_problems({"version": "4", "alerts": [_alert(), _alert(status="resolved")]}) == []
+    assert payload_problems({"alerts": []}) == [] and payload_problems({"alerts": [{}]}) == []
+    assert payload_problems({"alerts": "firing"}) == ["alerts is a string, not a list"]
+    assert payload_problems({"alerts": None}) == ["alerts is null, not a list"]
+    assert payload_problems({}) == ["alerts is missing"] and payload_problems([1]) == ["the body is a list, not an object"]
+    bad = {"alerts": [_alert(), {"labels": "x", "status": 1}, 7, {"labels": {"env": 2}, "annotations": {"summary": []}}]}
+    assert payload_problems(bad) == ["alerts[1].status is a number, not a string",
+                                     "alerts[1].labels is a string, not an object", "alerts[2] is a number, not an object",
+                                     "alerts[3].labels.env is a number, not a string",
+                                     "alerts[3].annotations.summary is a list, not a string"]
 
 
 def test_the_retrain_window_allows_one_request_per_window(tmp_path):

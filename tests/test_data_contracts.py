@@ -77,6 +77,21 @@ def test_unique_id_flags_both_rows(corpus):
     assert {("gx.unique.id", 3), ("gx.unique.id", 7)} <= rules(report)
 
 
+def test_an_id_repeated_across_sources_names_both_rows(corpus):
+    chats = [json.loads(line) for line in (corpus / "chat_logs.jsonl").read_text().splitlines()]
+    chats[4]["id"] = "qa-002"  # the QA pair at line 3
+    write_jsonl(corpus / "chat_logs.jsonl", chats)
+    write_jsonl(corpus / "feedback" / "feedback-1.jsonl", [
+        {"id": "chat-001", "module": "hr", "lang": "en", "instruction": "How do I book a day off?",
+         "response": "Open HR > Leave, pick the day and submit it."}])
+    report, _ = run(corpus)
+    qa, chat, fed = (str(corpus / f) for f in ("qa_pairs.jsonl", "chat_logs.jsonl", "feedback/feedback-1.jsonl"))
+    got = [(v.file, v.line, v.detail) for v in report.errors if v.rule == "id.duplicate"]
+    assert [(f, line) for f, line, _ in got] == [(chat, 5), (fed, 1)], report.table()
+    assert f"'qa-002' is already the id of {qa}:3" in got[0][2] and f"{chat}:2" in got[1][2]
+    assert not [v for v in report.errors if v.rule != "id.duplicate"]  # each file alone is fine
+
+
 @pytest.mark.parametrize("messages, expected", [
     ([{"role": "assistant", "content": "hi"}], "chat.roles"),
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "chat.roles"),

@@ -107,6 +107,49 @@ def test_since_reads_durations_and_dates():
         parse_since("last week", now)
 
 
+def test_simultaneous_verdicts_of_one_key_on_one_answer_record_one(tmp_path, monkeypatch):
+    import threading
+
+    import mlflow
+
+    from serving import feedback as F
+    from serving.tracing import Tracer, trace_id
+
+    previous = mlflow.get_tracking_uri()
+    try:
+        tracer = Tracer(f"sqlite:///{tmp_path}/mlflow.db", "erp-assistant-serving")
+        root = tracer.start("chat", {"question": "q"}, {"env": "staging", "model_version": "1"}, "s1")
+        tracer.end(root, {"answer": "a"})
+        tid = trace_id(root)
+        both_read, read = threading.Barrier(2, timeout=30), F._trace
+
+        def read_together(*args):  # each request reads the trace before either writes its verdict
+            trace = read(*args)
+            both_read.wait()
+            return trace
+
+        monkeypatch.setattr(F, "_trace", read_together)
+        outcomes: list[str] = []
+
+        def rate():
+            try:
+                F.record_feedback(tid, tracer.experiment_id, "down", "viewer-key (abcd)")
+                outcomes.append("recorded")
+            except F.AlreadyRated:
+                outcomes.append("409")
+
+        threads = [threading.Thread(target=rate) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(outcomes) == ["409", "recorded"]
+        verdicts = [a for a in mlflow.get_trace(tid, flush=True).info.assessments if a.name == F.VERDICT]
+        assert len(verdicts) == 1
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 # ---- curation: corrected answers into the corpus, through the contracts -----------------------------------------
 
 def _corrections(corpus_root):

@@ -24,6 +24,8 @@ def test_two_replicas_under_concurrent_sessions(tmp_path, caplog):
     import httpx
 
     from serving.app import create_app
+    from serving.context import conversation_key
+    from serving.keys import split_key
     from serving.service import Service
 
     redis_url = "redis://127.0.0.1:6379/14"
@@ -31,6 +33,7 @@ def test_two_replicas_under_concurrent_sessions(tmp_path, caplog):
         replica = Service.from_settings(world.service.settings, deploy=world.cfg, mlflow=world.mlflow)
         with live_server(world.app) as url_a, live_server(create_app(replica)) as url_b:
             headers = world.auth("viewer")
+            viewer_id = split_key(world.keys["viewer"])[0]
             run = f"load-{uuid.uuid4().hex[:12]}"  # Redis outlives the test: sessions of no earlier run
             failures: list[tuple[str, int, str]] = []
 
@@ -53,11 +56,12 @@ def test_two_replicas_under_concurrent_sessions(tmp_path, caplog):
                           for r in caplog.records if r.levelno >= logging.ERROR]  # the service log of a 500
                 assert statuses == [200] * SESSIONS * TURNS, (failures, errors)
                 for n in range(SESSIONS):
-                    kept = world.service.context.history(f"{run}-{n}")
+                    kept = world.service.context.history(conversation_key(viewer_id, f"{run}-{n}"))
                     assert [m["content"] for m in kept if m["role"] == "user"] == [
                         f"stock transfer {n}-{t}?" for t in range(TURNS - 3, TURNS)]
                 served = sum(s.live.summary("staging")["requests"] for s in (world.service, replica))
                 assert served == SESSIONS * TURNS
                 assert all(s.live.summary("staging")["errors"] == 0 for s in (world.service, replica))
             finally:
-                world.service.context.client.delete(*[f"erpops:ctx:{run}-{n}" for n in range(SESSIONS)])
+                store = world.service.context
+                store.client.delete(*[store.PREFIX + conversation_key(viewer_id, f"{run}-{n}") for n in range(SESSIONS)])

@@ -295,11 +295,15 @@ def test_retention_deletes_artifacts_of_old_unaliased_versions_only(mlflow_setti
     assert _artifacts_exist(mlflow_settings, v1) == (True, {"adapter", "merged_model", "recipe.yaml"})
     v5, _ = _register(mlflow_settings, tmp_path, True, "e", heavy=True)
     assert _aliases(mlflow_settings) == {"candidate": v5, "champion": v5, "previous": v4}
-    for gone in (v1, v2):
+    # v1 held `previous` until v5's promotion (a failed release of v5 would put it back): kept until the next one
+    assert _artifacts_exist(mlflow_settings, v1) == (True, {"adapter", "merged_model", "recipe.yaml"})
+    v6, _ = _register(mlflow_settings, tmp_path, False, "f", heavy=True)
+    assert _aliases(mlflow_settings) == {"candidate": v6, "champion": v5, "previous": v4}
+    for gone in (v1, v2, v3):
         assert _artifacts_exist(mlflow_settings, gone) == (False, {"recipe.yaml"})
         tags = P.version_tags(mlflow_settings, gone)  # the record and its lineage stay
         assert P.RETENTION_TAG in tags and tags["dataset_digest"] == "d" * 64
-    for kept in (v3, v4, v5):
+    for kept in (v4, v5, v6):
         assert _artifacts_exist(mlflow_settings, kept) == (True, {"adapter", "merged_model", "recipe.yaml"})
         assert P.RETENTION_TAG not in P.version_tags(mlflow_settings, kept)
     stamp = P.version_tags(mlflow_settings, v1)[P.RETENTION_TAG]

@@ -34,14 +34,17 @@ def double():
 
 @pytest.fixture
 def setup(tmp_path, mlflow_settings, double):
-    """A registry with versions 1-4, each with its own fake GGUF; a deploy config on Milvus Lite and the double."""
+    """A registry with versions 1-4, each with its run and its own fake GGUF; a deploy config on Milvus Lite and the
+    double."""
     import mlflow
 
     client = mlflow.MlflowClient(mlflow_settings.tracking_uri, mlflow_settings.tracking_uri)
     client.create_registered_model(mlflow_settings.registered_model_name)
+    experiment = client.create_experiment("releases", artifact_location=mlflow_settings.artifact_location)
     ggufs = {}
     for v in ("1", "2", "3", "4"):
-        client.create_model_version(mlflow_settings.registered_model_name, source=str(tmp_path))
+        run = client.create_run(experiment)
+        client.create_model_version(mlflow_settings.registered_model_name, source=str(tmp_path), run_id=run.info.run_id)
         ggufs[v] = fake_gguf(tmp_path, f"v{v}")
     cfg = DeployConfig(milvus_uri=str(tmp_path / "kb.db"), ollama_host=double.url, chunk_chars=400,
                        health_max_latency_s=30, ollama_timeout_s=30)

@@ -176,3 +176,23 @@ def test_resolve_prefers_the_env_tag_where_a_version_serves():
         resolve("v9", cfg, releases, events, versions)
     with pytest.raises(UnknownModel):
         resolve("../etc", cfg, releases, events, versions)
+
+
+def test_resolving_an_environment_tells_a_switch_under_way_and_counts_its_events():
+    cfg = DeployConfig()
+    releases = [_release("v1-1", "1"), _release("v2-2", "2")]
+    events = [_event("staging", "deploy", "v1-1"), _event("prod", "promote-env", "v1-1")]
+
+    def state():
+        ref = resolve("staging", cfg, releases, events, set())
+        return ref.release_id, ref.switching, ref.ledger_events
+
+    assert state() == ("v1-1", False, 1)
+    events.append(_event("staging", "switching", "v2-2", "v1-1"))  # written before the tag and the alias move
+    assert state() == ("v1-1", True, 2)
+    events.append(_event("staging", "failed", "v2-2", "v1-1"))  # put back: the same release, a later ledger
+    assert state() == ("v1-1", False, 3)
+    events += [_event("staging", "switching", "v2-2", "v1-1"), _event("staging", "deploy", "v2-2", "v1-1")]
+    assert state() == ("v2-2", False, 5)
+    events.append(_event("prod", "switching", "v2-2", "v1-1"))  # another environment's switch
+    assert state() == ("v2-2", False, 5)
