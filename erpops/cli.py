@@ -521,11 +521,14 @@ def bundle_export(release: str = typer.Option(..., "--release", help="Release id
         rel = ReleaseLedger(settings).release(release)
     except KeyError as e:
         _fail(str(e.args[0]), 2)
-    gguf, spec = registry_gguf_fetcher(settings)(rel)
+    fetch = registry_gguf_fetcher(settings)
+    gguf, spec = fetch(rel)
     try:
         path = export_bundle(rel, gguf, spec, r.deploy.milvus_uri, out or Path(f"{release}.tar.gz"))
     except BundleError as e:
         _fail(str(e))
+    finally:  # the bundle holds the GGUF now
+        fetch.discard()
     typer.echo(json.dumps({"release": release, "bundle": str(path), "bytes": path.stat().st_size}, indent=2))
 
 
