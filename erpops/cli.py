@@ -208,12 +208,34 @@ def optimize(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     typer.echo(result.table())
 
 
+def _shipped_gguf(run_dir: Path) -> tuple[Path, list | None]:
+    """The GGUF the optimize stage of `run_dir` verified and chose to ship, and its per-example scores from that
+    stage. Raises ValueError when the stage did not finish there (no `optimize.json`: a rerun that failed deletes
+    it, and may leave a file that failed its checks or one made from an earlier adapter) or when the file on disk is
+    not the one it verified."""
+    from training.gguf import sha256_file
+
+    decided = run_dir / "optimize.json"
+    if not decided.is_file():
+        raise ValueError(f"{decided} is missing: the optimize stage did not finish in {run_dir} "
+                         f"(run `erpops optimize --run-dir {run_dir}`)")
+    optimized = json.loads(decided.read_text())
+    shipped = optimized["shipped"]
+    gguf = run_dir / "gguf" / f"model-{shipped}.gguf"
+    export = optimized.get("gguf", {}).get(shipped, {})
+    if not gguf.is_file() or export.get("sha256") != sha256_file(gguf):
+        raise ValueError(f"{gguf} is not the {shipped} file the optimize stage verified (sha256 "
+                         f"{export.get('sha256')}): it was replaced or removed since")
+    return gguf, export.get("example_nll")
+
+
 @app.command()
 def evaluate(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
              run_dir: Optional[Path] = typer.Option(None, help="Run folder holding gguf/ (default: the latest).")):
     """Score the shipped GGUF of a run folder and the champion's on the same examples; apply the gate.
 
-    Exit status: 0 promote, 3 hold (no evidence of a difference), 1 reject."""
+    Exit status: 0 promote, 3 hold (no evidence of a difference), 1 reject, 2 nothing to evaluate (the run's
+    optimize stage did not finish, or its GGUF was replaced since)."""
     _setup()
     r = _load(recipe)
     run_dir = run_dir or _latest_run_dir(r)
@@ -223,17 +245,12 @@ def evaluate(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     from evaluation.evaluate import evaluate_candidate
     from registry.champion import fetch_champion
 
+    try:
+        gguf, scores = _shipped_gguf(run_dir)
+    except ValueError as e:  # 2: neither a verdict nor a reject (1)
+        _fail(f"{e}; nothing evaluated", 2)
     settings = _settings(mlflow_config)
     tracker = Tracker.start(settings, f"evaluate-{run_dir.name}", {"recipe.hash": r.digest()})
-    decided = run_dir / "optimize.json"  # the optimize stage may have fallen back from the recipe's choice
-    optimized = json.loads(decided.read_text()) if decided.exists() else {}
-    shipped = optimized.get("shipped", r.optimize.ship)
-    gguf = run_dir / "gguf" / f"model-{shipped}.gguf"
-    export = optimized.get("gguf", {}).get(shipped, {})
-    from training.gguf import sha256_file
-
-    # the optimize stage's per-example scores of this very file (not of one written over it since)
-    scores = export.get("example_nll") if export.get("sha256") and gguf.is_file() and export["sha256"] == sha256_file(gguf) else None
     try:
         result = evaluate_candidate(r.gate, gguf, read_examples(run_dir / "data" / "eval.jsonl"),
                                     fetch_champion(settings, run_dir / "champion"), run_dir, resolve_runtime(r.train.precision),

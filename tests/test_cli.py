@@ -147,3 +147,18 @@ def test_api_key_and_serve_api_start_the_service(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_evaluate_refuses_a_run_whose_optimize_stage_did_not_finish_or_whose_gguf_changed(tmp_path):
+    run = tmp_path / "run"
+    (run / "gguf").mkdir(parents=True)
+    gguf = run / "gguf" / "model-q8_0.gguf"
+    gguf.write_bytes(b"GGUF left by a rerun that failed its checks")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    proc = erpops("evaluate", "--recipe", TINY, "--run-dir", str(run), env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "optimize.json is missing" in proc.stderr and "nothing evaluated" in proc.stderr
+    (run / "optimize.json").write_text(json.dumps({"shipped": "q8_0", "gguf": {"q8_0": {"sha256": "0" * 64}}}))
+    proc = erpops("evaluate", "--recipe", TINY, "--run-dir", str(run), env=env)
+    assert proc.returncode == 2 and "not the q8_0 file the optimize stage verified" in proc.stderr
+    assert not (tmp_path / "m.db").exists()  # refused before any MLflow run was started

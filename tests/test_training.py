@@ -312,6 +312,30 @@ def test_a_checkpoint_of_another_recipe_is_not_resumed(tiny_model_dir, corpus, t
     assert resumed.final_loss == scratch.final_loss
 
 
+def test_a_run_from_scratch_keeps_its_own_checkpoints_and_resumes_from_them(tiny_model_dir, corpus, tmp_path):
+    """An earlier run's higher-numbered checkpoints neither push out the new run's (save_checkpoint keeps the
+    newest `keep_checkpoints`) nor are picked to resume it."""
+    import json
+
+    from conftest import data_cfg
+    from data_contracts.dataset import read_examples
+    from data_contracts.validate import validate_data
+    from training.lora import latest_checkpoint, run_fingerprint, train_lora
+
+    examples = read_examples(validate_data(data_cfg(corpus), tmp_path / "data").train_path)
+    base = {"name": "t", "model": {"source": "tiny"}, "train": {"max_steps": 8, "batch_size": 4, "precision": "fp32",
+                                                                "checkpoint_every": 2}}
+    train_lora(Recipe.model_validate(base), tiny_model_dir, examples, tmp_path, Runtime("cpu", "float32"))
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-4", "step-6"]  # the last step is not checkpointed
+    other = Recipe.model_validate({**base, "train": {**base["train"], "max_steps": 4}})
+    train_lora(other, tiny_model_dir, examples, tmp_path, Runtime("cpu", "float32"), resume=True)
+    mine = run_fingerprint(other, examples)
+    assert [p.name for p in root.glob("step-*")] == ["step-2"]
+    assert json.loads((root / "step-2" / "progress.json").read_text())["fingerprint"] == mine
+    assert latest_checkpoint(root, mine) == root / "step-2"
+
+
 def test_micro_batches_give_the_whole_batchs_gradient(tiny_model_dir, tokenizer):
     from erpops.config import LoraConfig
     from training.data import pack_batch

@@ -264,15 +264,14 @@ def train_lora(
     ckpt_root = out_dir / "checkpoints"
     fingerprint = run_fingerprint(recipe, train_examples)
     prior_wall = 0.0
-    if resume and (latest := latest_checkpoint(ckpt_root)) is not None:
-        progress = json.loads((latest / "progress.json").read_text())
-        if progress.get("fingerprint") != fingerprint:
-            log.warning("ignoring %s: it was written for another recipe or other data; training from scratch", latest)
-        else:
-            done, losses, real_tokens, prior_wall = load_checkpoint(latest, model, optimizer, dist)
-            log.info("resuming from %s: %d/%d steps done", latest.name, done, cfg.max_steps)
-            if tracker:
-                tracker.set_tags({"train.resumed_from_step": done})
+    latest = latest_checkpoint(ckpt_root, fingerprint) if resume else None
+    if latest is not None:
+        done, losses, real_tokens, prior_wall = load_checkpoint(latest, model, optimizer, dist)
+        log.info("resuming from %s: %d/%d steps done", latest.name, done, cfg.max_steps)
+        if tracker:
+            tracker.set_tags({"train.resumed_from_step": done})
+    else:
+        clear_checkpoints(ckpt_root, dist)
     monitor = None
     if tracker:  # CPU, memory (and GPU when present) sampled into the run as system/* metrics
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -367,10 +366,36 @@ def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, trac
     return losses, real_tokens, wall, step_seconds, step_tokens
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint (a folder is renamed into place only once fully written)."""
+def latest_checkpoint(root: Path, fingerprint: str | None = None) -> Path | None:
+    """The newest complete checkpoint (a folder is renamed into place only once fully written); given a
+    `fingerprint` (run_fingerprint), the newest one written for it."""
     found = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if root.is_dir() else []
-    return found[-1] if found else None
+    for path in reversed(found):
+        if fingerprint is None or _fingerprint_of(path) == fingerprint:
+            return path
+    return None
+
+
+def _fingerprint_of(checkpoint: Path) -> str | None:
+    try:  # another rank may be clearing it (clear_checkpoints)
+        return json.loads((checkpoint / "progress.json").read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
+def clear_checkpoints(root: Path, dist: Dist = SINGLE) -> None:
+    """Before training from scratch: the checkpoints there are another run's (another recipe or other data, or a
+    run not resumed), and higher-numbered ones would make `save_checkpoint` drop each new one as it is written."""
+    import shutil
+
+    if dist.is_main and root.is_dir():
+        stale = sorted(p.name for p in root.glob("step-*"))
+        if stale:
+            log.warning("training from scratch: removing the checkpoints of an earlier run in %s: %s", root,
+                        ", ".join(stale))
+        for name in stale:
+            shutil.rmtree(root / name, ignore_errors=True)
+    distributed.barrier(dist)
 
 
 def run_fingerprint(recipe: Recipe, train_examples: list[dict]) -> str:
