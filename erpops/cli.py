@@ -65,8 +65,25 @@ def _settings(path: Optional[str]):
         _fail(str(e), 2)
 
 
+NOT_RUN_FOLDERS = ("release-", "canary-")
+"""Name prefixes of the folders `erpops deploy` / the release flow and `erpops canary start` make beside the run
+folders: they hold a release's data, never a trained model."""
+
+
+def _require(run_dir: Path, needed: dict[str, str], what: str) -> None:
+    """Exit 2 naming every file or folder of `needed` ({relative path: the command that makes it}) that `run_dir`
+    lacks, before any MLflow run is started."""
+    if not run_dir.is_dir():
+        _fail(f"nothing to {what}: no run folder {run_dir}", 2)
+    missing = [f"{run_dir / rel} (made by {by})" for rel, by in needed.items() if not (run_dir / rel).exists()]
+    if missing:
+        _fail(f"nothing to {what} in {run_dir}: missing {'; '.join(missing)}", 2)
+
+
 def _latest_run_dir(recipe) -> Path:
-    runs = sorted((p for p in recipe.output_root.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    """The newest folder a train-and-gate run or `erpops train` made under the recipe's output_root."""
+    runs = sorted((p for p in recipe.output_root.glob("*") if p.is_dir() and not p.name.startswith(NOT_RUN_FOLDERS)),
+                  key=lambda p: p.stat().st_mtime)
     if not runs:
         _fail(f"no run folder under {recipe.output_root}: run `erpops train` or `erpops run` first")
     return runs[-1]
@@ -81,13 +98,14 @@ def run(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
 
     r = _load(recipe)  # fail fast on a bad recipe, before Prefect starts
     from erpops.summary import RunSummary
-    from flows.pipeline import pipeline
+    from flows.pipeline import pipeline, set_aside_summary
 
     run_name = run_name or f"{r.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = r.output_root / run_name / "run_summary.json"
-    pipeline(recipe_path=recipe, mlflow_config=mlflow_config, run_name=run_name, return_state=True)
+    set_aside_summary(path)  # an earlier run's summary under the same --run-name must not speak for this one
+    state = pipeline(recipe_path=recipe, mlflow_config=mlflow_config, run_name=run_name, return_state=True)
     if not path.is_file():
-        _fail(f"the pipeline ended before writing {path}")
+        _fail(f"the pipeline ended {state.name} before writing {path}: {state.message}")
     summary = RunSummary.read(path)
     import logging
 
@@ -101,6 +119,8 @@ def run(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     if "model_version" in summary.outputs:
         typer.echo(f"  model version: {summary.outputs['model_version']}  (see: erpops status; erpops ui)")
     typer.echo(f"summary: {path}")
+    if not state.is_completed():
+        _fail(f"pipeline {state.name}: {state.message}")
     raise typer.Exit(0 if summary.ok else 1)
 
 
@@ -195,10 +215,12 @@ def optimize(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
     from training.base_model import MODELS_DIR, resolve_base_model
     from training.optimize import optimize_model
 
+    _require(run_dir, {"adapter": "erpops train", "data/train.jsonl": "erpops train",
+                       "data/eval.jsonl": "erpops train"}, "optimize")
     tracker = Tracker.start(_settings(mlflow_config), f"optimize-{run_dir.name}", {"recipe.hash": r.digest()})
-    base = resolve_base_model(r.model, MODELS_DIR)
-    evals = read_examples(run_dir / "data" / "eval.jsonl")[: r.gate.max_examples]
     try:
+        base = resolve_base_model(r.model, MODELS_DIR)
+        evals = read_examples(run_dir / "data" / "eval.jsonl")[: r.gate.max_examples]
         result = optimize_model(r.optimize, base, run_dir / "adapter", evals, run_dir, resolve_runtime(r.train.precision),
                                 tracker, calibration_examples=read_examples(run_dir / "data" / "train.jsonl"))
     except BaseException:
@@ -249,6 +271,7 @@ def evaluate(recipe: str = RecipeOpt, mlflow_config: Optional[str] = MlflowOpt,
         gguf, scores = _shipped_gguf(run_dir)
     except ValueError as e:  # 2: neither a verdict nor a reject (1)
         _fail(f"{e}; nothing evaluated", 2)
+    _require(run_dir, {"data/eval.jsonl": "erpops train"}, "evaluate")
     settings = _settings(mlflow_config)
     tracker = Tracker.start(settings, f"evaluate-{run_dir.name}", {"recipe.hash": r.digest()})
     try:
@@ -427,7 +450,12 @@ def canary_start(version: str = typer.Option(..., "--version", help="Registered 
                  reason: str = typer.Option("", "--reason", help="Why; recorded in the canary ledger.")):
     """Build a release of VERSION beside the one the environment serves (nothing switched) and send the first
     step's share of conversations to it (deploy.canary.steps); the chat service judges each step's window and
-    moves, pauses, aborts or promotes it."""
+    moves, pauses, aborts or promotes it. Exit 2 when the version is not registered or holds no GGUF.
+
+    The GGUF is downloaded into a temporary folder, removed once the canary started or failed to, unless a failed
+    build's Ollama half was skipped (the error then points at the folder, to import the model by hand); a switch
+    to the canary's release fetches the GGUF from the registry again where the host lacks its model."""
+    import shutil
     import tempfile
 
     _setup()
@@ -438,14 +466,19 @@ def canary_start(version: str = typer.Option(..., "--version", help="Registered 
     from deployment.rollout import CanaryError, start_canary
     from evaluation.retrieval import read_golden
     from flows.steps import validate_step
+    from mlflow.exceptions import MlflowException
     from registry.ledger import current_actor
     from registry.promote import version_tags
 
     version = version.lstrip("v")
     run_dir = r.output_root / f"canary-{env}-v{version}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder, keep = Path(tempfile.mkdtemp(prefix=f"canary-v{version}-")), False
     try:
-        gguf, spec = registered_bundle(settings.tracking_uri, settings.registered_model_name, version,
-                                       Path(tempfile.mkdtemp(prefix=f"canary-v{version}-")))
+        try:
+            gguf, spec = registered_bundle(settings.tracking_uri, settings.registered_model_name, version, folder)
+        except (MlflowException, FileNotFoundError) as e:
+            _fail(f"canary of v{version} in {env} not started: {settings.registered_model_name} version {version} "
+                  f"cannot be fetched from {settings.tracking_uri}: {getattr(e, 'message', e)}; {env} unchanged", 2)
         docs = validate_step(r.data, r.model, run_dir / "data").docs
         golden_path = r.data.root / "golden_queries.jsonl"
         state = start_canary(r.deploy, settings, env, version, gguf, spec, docs,
@@ -454,7 +487,11 @@ def canary_start(version: str = typer.Option(..., "--version", help="Registered 
     except CanaryError as e:
         _fail(str(e), 2)
     except ReleaseError as e:
+        keep = (e.outcome.ollama or "").startswith("skipped")
         _fail(f"canary of v{version} in {env} not started: {e.stage} failed: {e}; {env} unchanged")
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
     typer.echo(json.dumps(state.to_dict(), indent=2, ensure_ascii=False))
 
 
@@ -539,12 +576,12 @@ def bundle_export(release: str = typer.Option(..., "--release", help="Release id
     except KeyError as e:
         _fail(str(e.args[0]), 2)
     fetch = registry_gguf_fetcher(settings)
-    gguf, spec = fetch(rel)
     try:
+        gguf, spec = fetch(rel)
         path = export_bundle(rel, gguf, spec, r.deploy.milvus_uri, out or Path(f"{release}.tar.gz"))
     except BundleError as e:
         _fail(str(e))
-    finally:  # the bundle holds the GGUF now
+    finally:  # the bundle holds the GGUF now, or the download failed half-way
         fetch.discard()
     typer.echo(json.dumps({"release": release, "bundle": str(path), "bytes": path.stat().st_size}, indent=2))
 

@@ -384,14 +384,22 @@ def _read_yaml(path: Path) -> dict:
 
 
 def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
-    """Read and validate a recipe; every schema problem is reported together."""
+    """Read and validate a recipe; every schema problem is reported together. `overrides` ({"data.root": ...}) are
+    set on top, into a section that is absent or empty (`data:` alone) too; a section that is not a mapping is a
+    ConfigError."""
     path = Path(path)
     data = _read_yaml(path)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
+        for i, key in enumerate(parents):
+            if node.get(key) is None:
+                node[key] = {}
+            if not isinstance(node[key], dict):
+                section = ".".join(parents[: i + 1])
+                raise ConfigError(f"{path}: cannot set {dotted}: {section} is a {type(node[key]).__name__}, "
+                                  f"not a mapping")
+            node = node[key]
         node[leaf] = value
     try:
         return Recipe.model_validate(data)
@@ -441,9 +449,12 @@ _ENV_OVERRIDES = {
 
 
 def load_mlflow_settings(path: str | Path | None = None) -> MLflowSettings:
-    """mlflow.yaml (ERPOPS_MLFLOW_CONFIG or ./mlflow.yaml), then environment variables on top."""
-    path = Path(path or os.environ.get("ERPOPS_MLFLOW_CONFIG", "mlflow.yaml"))
-    data = _read_yaml(path) if path.exists() else {}
+    """mlflow.yaml (ERPOPS_MLFLOW_CONFIG or ./mlflow.yaml), then environment variables on top. Without either the
+    defaults apply where ./mlflow.yaml does not exist; a file named by `path` or ERPOPS_MLFLOW_CONFIG that does not
+    exist is a ConfigError (a typo must not record into another store)."""
+    named = path or os.environ.get("ERPOPS_MLFLOW_CONFIG")
+    path = Path(named or "mlflow.yaml")
+    data = _read_yaml(path) if named or path.exists() else {}
     for env, key in _ENV_OVERRIDES.items():
         if os.environ.get(env):
             data[key] = os.environ[env]

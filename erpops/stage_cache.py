@@ -9,11 +9,15 @@ A stage's key is the sha256 of
 
 The policy plugs into `@task(cache_policy=...)`; Prefect stores the stage's return value under the key
 (`result_storage`, a folder) and returns it as a `Cached` state on the next run with the same key. A
-cached result names files (an adapter, a GGUF) in an earlier run folder; when one of them is gone the
-record is not used: the key moves to its next generation and the stage runs again.
+cached result names files (an adapter, a GGUF) in an earlier run folder, and those folders get rewritten (a rerun
+under the same run name); so when the record is stored, the content of every file it names is recorded beside it
+(`files/<key>.json`), and the record is used only while those files still hold that content. A record whose files
+are gone or changed is not used: the key moves to its next generation and the stage runs again. A check that
+cannot decide (the registry does not answer) raises and forgets nothing.
 
     from erpops.stage_cache import ContentKey
-    train_task = task(train, cache_policy=ContentKey("train", train_key_parts, ("training", "erpops"), artefacts))
+    policy = ContentKey("train", train_key_parts, ("training", "erpops"))
+    train_task = policy.task(train, name="train")
 """
 
 from __future__ import annotations
@@ -102,6 +106,11 @@ def artefacts_exist(value: Any) -> bool:
     return all(p.exists() for p in paths_in(value))
 
 
+def fingerprint(value: Any) -> dict[str, str]:
+    """The content digest of every path a result names, by path (a missing path has its own digest)."""
+    return {str(p): digest_paths([p]) for p in paths_in(value)}
+
+
 @dataclass
 class ContentKey(CachePolicy):
     """Prefect cache policy: the key comes from `parts(inputs)` and the code of `packages`, not from pickled
@@ -112,7 +121,30 @@ class ContentKey(CachePolicy):
     parts: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     packages: tuple[str, ...] = ("erpops",)
     valid: Callable[[Any], bool] = artefacts_exist
-    """Whether a stored result may still be used (default: every path it names exists)."""
+    """Whether a stored result may still be used (default: every path it names exists). It returns False only
+    for a definite "gone"; an error it raises means "cannot tell now" and reaches Prefect, which runs the stage
+    without the cache and leaves the record and its generation as they were."""
+
+    def task(self, fn: Callable[..., Any], **options: Any):
+        """`prefect.task(fn, **options)` cached on this policy, recording the named files' content at store time
+        (a task on this policy without the `record_files` hook never reuses a record that names files)."""
+        from prefect import task
+
+        cached = task(fn, cache_policy=self, persist_result=True, **options)
+        record = functools.partial(ContentKey.record_files, self)
+        record.log_on_run = False  # Prefect's switch for its own hooks: two log lines per stage run are noise
+        cached.on_commit(record)
+        return cached
+
+    def record_files(self, txn) -> None:
+        """Commit hook: write the fingerprint of the files the staged result names, next to the record."""
+        basepath = getattr(getattr(txn.store, "result_storage", None), "basepath", None)
+        record = getattr(txn, "_staged_value", None)
+        if basepath is None or txn.key is None or record is None:
+            return
+        out = _files_record(basepath, txn.key)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(fingerprint(getattr(record, "result", record)), sort_keys=True))
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
         if self.parts is None:
@@ -125,17 +157,38 @@ class ContentKey(CachePolicy):
         generation_file = Path(basepath) / "generations" / f"{self.stage}-{content}"
         generation = int(generation_file.read_text()) if generation_file.exists() else 0
         key = f"{self.stage}-{content}-{generation}"
-        if store.exists(key) and not self._usable(store, key):
+        if store.exists(key) and not self._usable(store, key, basepath):
             generation += 1
             generation_file.parent.mkdir(parents=True, exist_ok=True)
             generation_file.write_text(str(generation))
-            log.info("%s: the cached result names files that are gone; running the stage again", self.stage)
+            log.info("%s: the cached result is gone or names files that changed; running the stage again", self.stage)
             key = f"{self.stage}-{content}-{generation}"
         return key
 
-    def _usable(self, store, key: str) -> bool:
+    def _usable(self, store, key: str, basepath) -> bool:
         try:
-            return bool(self.valid(store.read(key).result))
+            result = store.read(key).result
         except Exception as e:  # an unreadable record (code moved, file truncated) is not reused
             log.info("%s: cached result %s unreadable (%s)", self.stage, key, e)
             return False
+        return self.valid(result) and _files_unchanged(basepath, key, result)
+
+
+def _files_record(basepath, key: str) -> Path:
+    return Path(basepath) / "files" / f"{key}.json"
+
+
+def _files_unchanged(basepath, key: str, result: Any) -> bool:
+    """Whether the files `result` names still hold what they held when it was stored (a result that names no
+    files needs no fingerprint)."""
+    paths = paths_in(result)
+    if not paths:
+        return True
+    recorded = _files_record(basepath, key)
+    if not recorded.is_file():
+        return False
+    try:
+        stored = json.loads(recorded.read_text())
+    except ValueError:
+        return False
+    return stored == fingerprint(result)

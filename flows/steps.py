@@ -26,7 +26,7 @@ from erpops.stage_cache import ContentKey, artefacts_exist, digest_file, digest_
 from erpops.tracking import Tracker
 from evaluation.evaluate import evaluate_candidate
 from registry.champion import fetch_champion
-from registry.promote import AliasPlan, log_shipped_model, read_champion, register_version, tag_version, version_exists
+from registry.promote import AliasPlan, log_shipped_model, read_champion, register_version, tag_version
 from training.base_model import MODELS_DIR, load_tokenizer, resolve_base_model
 from training.launch import train as train_stage
 from training.lora import TrainResult
@@ -51,11 +51,27 @@ class Promoted:
     def still_stands(self) -> bool:
         """A cached promotion is reused only while its version exists and, if it moved the champion, the
         champion is still that version (a failed release that put the champion back makes the next run
-        decide again)."""
-        if not version_exists(self.settings, self.version):
+        decide again). Only the registry's "no such version" counts as gone; any other registry error is raised
+        (a transient outage must not make the cache forget a version that still exists)."""
+        if not version_registered(self.settings, self.version):
             return False
         champion = self.settings.aliases.champion
         return champion not in self.plan.set or read_champion(self.settings).version == self.version
+
+
+def version_registered(settings: MLflowSettings, version: str) -> bool:
+    """Whether `version` of the registered model exists: False only when the registry says it does not."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    try:
+        client.get_model_version(settings.registered_model_name, version)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 def promote_step(settings: MLflowSettings, run_id: str, gguf_path: Path, modelfile: Path | None,
@@ -144,20 +160,17 @@ def _promote_parts(i: dict[str, Any]) -> dict[str, Any]:
             "passed": i["passed"], "expected_champion": i["expected_champion"]}
 
 
-def _cached(stage: str, parts, packages: tuple[str, ...], valid=artefacts_exist) -> dict[str, Any]:
-    return {"cache_policy": ContentKey(stage=stage, parts=parts, packages=packages, valid=valid), "persist_result": True}
+def _cached(fn, stage: str, parts, packages: tuple[str, ...], valid=artefacts_exist):
+    return ContentKey(stage=stage, parts=parts, packages=packages, valid=valid).task(fn, name=stage)
 
 
-validate_task = task(validate_step, name="validate", **_cached("validate", _validate_parts, ("data_contracts", "erpops")))
+validate_task = _cached(validate_step, "validate", _validate_parts, ("data_contracts", "erpops"))
 base_model_task = task(resolve_base_model, name="base-model", cache_policy=NO_CACHE)
-train_task = task(train_step, name="train", **_cached("train", _train_parts, ("training", "erpops")))
-optimize_task = task(optimize_model, name="optimize",
-                     **_cached("optimize", _optimize_parts, ("training", "deployment", "evaluation", "erpops")))
+train_task = _cached(train_step, "train", _train_parts, ("training", "erpops"))
+optimize_task = _cached(optimize_model, "optimize", _optimize_parts, ("training", "deployment", "evaluation", "erpops"))
 champion_task = task(fetch_champion, name="fetch-champion", cache_policy=NO_CACHE, **IO_RETRIES)
-evaluate_task = task(evaluate_candidate, name="evaluate",
-                     **_cached("evaluate", _evaluate_parts, ("evaluation", "training", "erpops")))
-promote_task = task(promote_step, name="promote",
-                    **_cached("promote", _promote_parts, ("registry", "erpops"), valid=lambda r: r.still_stands()))
+evaluate_task = _cached(evaluate_candidate, "evaluate", _evaluate_parts, ("evaluation", "training", "erpops"))
+promote_task = _cached(promote_step, "promote", _promote_parts, ("registry", "erpops"), valid=lambda r: r.still_stands())
 tag_task = task(tag_version, name="tag-version", cache_policy=NO_CACHE, **IO_RETRIES)
 bundle_task = task(registered_bundle, name="registered-bundle", cache_policy=NO_CACHE, **IO_RETRIES)
 release_task = task(release_version, name="release", cache_policy=NO_CACHE)

@@ -71,6 +71,7 @@ def train_and_gate(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_co
                            current_actor(), reason or "gate")
     except Exception as e:
         log.error("train-and-gate stopped: %s", e)
+        fail_unfinished(summary, f"{type(e).__name__}: {e}")
     finally:
         if not summary.ok:
             summary.skip_rest("an earlier stage failed")
@@ -86,6 +87,22 @@ def train_and_gate(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_co
         failed = [f"{r.name}: {r.reason}" for r in summary.stages.values() if r.status == "failed"]
         return Failed(message=f"pipeline failed ({'; '.join(failed)}); summary: {path}")
     return summary.to_dict()
+
+
+def fail_unfinished(summary: RunSummary, reason: str) -> None:
+    """Record an error raised outside every stage block (an MLflow call between stages, the promotion event) as a
+    failed stage, so the run cannot end ok with stages never run: the first stage still pending fails "before it
+    started"; when none is pending, the last one that ran fails "after it finished". A run that already has a failed
+    stage (the error came from that stage) is left as it is."""
+    if not summary.ok:
+        return
+    pending = [s for s in summary.stages.values() if s.status == "pending"]
+    if pending:
+        pending[0].status, pending[0].reason = "failed", f"before it started: {reason}"
+        return
+    ran = [s for s in summary.stages.values() if s.status in ("ok", "cached")]
+    if ran:
+        ran[-1].status, ran[-1].reason = "failed", f"after it finished: {reason}"
 
 
 def _call(task_, stage, *args, **kwargs):

@@ -12,6 +12,7 @@ MLflow tracking server, not a file system.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -32,19 +33,25 @@ RESULT_ARTIFACT = "train/result.json"
 
 @flow(name="train-remote", log_prints=True)
 def train_remote(recipe: dict, mlflow_run_id: str, tracking_uri: str) -> dict:
-    """Train LoRA for `recipe` (a resolved recipe, as a dict) into MLflow run `mlflow_run_id`; returns the result."""
+    """Train LoRA for `recipe` (a resolved recipe, as a dict) into MLflow run `mlflow_run_id`; returns the result.
+
+    The split, checkpoints and adapter live in a temporary folder removed when the flow ends, done or not: what the
+    caller needs is in the MLflow run by then (its paths in the result name files that no longer exist)."""
     import mlflow
 
     setup_process()
     r = Recipe.model_validate(recipe)
     work = Path(tempfile.mkdtemp(prefix="train-remote-"))
-    mlflow.set_tracking_uri(tracking_uri)
-    split = Path(mlflow.artifacts.download_artifacts(run_id=mlflow_run_id, artifact_path=TRAIN_SPLIT_ARTIFACT,
-                                                     dst_path=str(work)))
-    tracker = Tracker(mlflow_run_id, tracking_uri)
-    result = train(r, resolve_base_model(r.model, MODELS_DIR), read_examples(split), work,
-                   resolve_runtime(r.train.precision), tracker)
-    out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
-    tracker.log_dict(out, RESULT_ARTIFACT)
-    tracker.flush()
-    return out
+    try:
+        mlflow.set_tracking_uri(tracking_uri)
+        split = Path(mlflow.artifacts.download_artifacts(run_id=mlflow_run_id, artifact_path=TRAIN_SPLIT_ARTIFACT,
+                                                         dst_path=str(work)))
+        tracker = Tracker(mlflow_run_id, tracking_uri)
+        result = train(r, resolve_base_model(r.model, MODELS_DIR), read_examples(split), work,
+                       resolve_runtime(r.train.precision), tracker)
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
+        tracker.log_dict(out, RESULT_ARTIFACT)
+        tracker.flush()
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

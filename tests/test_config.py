@@ -110,3 +110,26 @@ def test_the_preload_loads_jemalloc_and_the_console_script_still_answers():
         pytest.skip("no .venv/bin/erpops (make install)")
     out = subprocess.run([str(erpops), "evaluate", "--help"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--recipe" in out.stdout and "Usage: erpops evaluate" in out.stdout, out.stderr[-2000:]
+
+
+def test_an_mlflow_config_named_but_missing_is_an_error_and_the_default_stays_optional(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("ERPOPS_MLFLOW_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="typo-mlflow.yaml: file not found"):
+        load_mlflow_settings(tmp_path / "typo-mlflow.yaml")
+    monkeypatch.setenv("ERPOPS_MLFLOW_CONFIG", str(tmp_path / "also-missing.yaml"))
+    with pytest.raises(ConfigError, match="also-missing.yaml: file not found"):
+        load_mlflow_settings()
+    monkeypatch.delenv("ERPOPS_MLFLOW_CONFIG")
+    monkeypatch.chdir(tmp_path)  # no ./mlflow.yaml here: the defaults, resolved against this folder
+    assert load_mlflow_settings().tracking_uri == f"sqlite:///{tmp_path}/.erpops/mlflow.db"
+
+
+def test_an_override_fills_an_empty_section_and_refuses_a_scalar_one(tmp_path):
+    empty = tmp_path / "r.yaml"
+    empty.write_text("name: x\ndata:\n")
+    assert load_recipe(empty, {"data.root": str(tmp_path / "d")}).data.root == tmp_path / "d"
+    scalar = tmp_path / "s.yaml"
+    scalar.write_text("name: x\ndata: 5\n")
+    with pytest.raises(ConfigError, match="cannot set data.root: data is a int"):
+        load_recipe(scalar, {"data.root": "d"})

@@ -58,10 +58,10 @@ def test_no_change_only_when_the_candidate_is_the_champions_gguf():
 
 @pytest.mark.integration
 def test_cached_across_flow_runs_rerun_on_change_or_missing_artefact(prefect_harness, tmp_path):
-    from prefect import flow, task
+    from prefect import flow
 
     policy = ContentKey(stage="make", parts=lambda i: {"text": i["text"]}, packages=("erpops",))
-    make_task = task(make, cache_policy=policy, persist_result=True)
+    make_task = policy.task(make)
 
     @flow
     def run(text: str, out: str):

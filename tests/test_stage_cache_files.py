@@ -1,0 +1,94 @@
+"""A cached result is reused only while the files it names hold what they held when it was stored, and a check
+that cannot decide forgets nothing."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from erpops.stage_cache import ContentKey
+
+CALLS: list[str] = []
+
+
+@dataclass
+class Made:
+    path: Path
+
+
+def make(text: str, out: Path) -> Made:
+    CALLS.append(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return Made(out)
+
+
+@pytest.mark.integration
+def test_a_result_whose_file_was_overwritten_is_not_reused(prefect_harness, tmp_path):
+    from prefect import flow
+
+    make_task = ContentKey(stage="make", parts=lambda i: {"text": i["text"]}).task(make)
+
+    @flow
+    def run(text: str, out: str):
+        state = make_task.with_options(result_storage=tmp_path / "cache")(text, Path(out), return_state=True)
+        return state.name, state.result().path
+
+    CALLS.clear()
+    shared = tmp_path / "nightly" / "x.txt"
+    assert run("original", str(shared))[0] == "Completed"
+    assert run("cut", str(shared))[0] == "Completed"  # same run folder: the first result's file now holds "cut"
+    name, path = run("original", str(tmp_path / "other" / "x.txt"))
+    assert name == "Completed" and path.read_text() == "original" and CALLS == ["original", "cut", "original"]
+    assert run("original", str(tmp_path / "third" / "x.txt")) == ("Cached", tmp_path / "other" / "x.txt")
+
+
+@pytest.mark.integration
+def test_an_undecided_check_neither_reuses_nor_forgets(prefect_harness, tmp_path):
+    from prefect import flow
+
+    answer: list[object] = [True]
+
+    def valid(result: Made) -> bool:
+        if isinstance(answer[0], Exception):
+            raise answer[0]
+        return bool(answer[0])
+
+    make_task = ContentKey(stage="make", parts=lambda i: {"text": i["text"]}, valid=valid).task(make)
+
+    @flow
+    def run(out: str):
+        state = make_task.with_options(result_storage=tmp_path / "cache")("same", Path(out), return_state=True)
+        return state.name, state.result().path
+
+    CALLS.clear()
+    first = tmp_path / "r1" / "x.txt"
+    assert run(str(first)) == ("Completed", first)
+    answer[0] = ConnectionError("registry down")
+    assert run(str(tmp_path / "r2" / "x.txt"))[0] == "Completed"  # not reused while the check cannot tell
+    answer[0] = True
+    assert run(str(tmp_path / "r3" / "x.txt")) == ("Cached", first)  # the record was not forgotten
+    answer[0] = False
+    assert run(str(tmp_path / "r4" / "x.txt"))[0] == "Completed"  # a definite "gone" moves on
+    assert CALLS == ["same", "same", "same"]
+
+
+def test_only_a_missing_version_counts_as_gone(monkeypatch, tmp_path):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
+
+    from erpops.config import MLflowSettings
+    from flows.steps import version_registered
+
+    settings = MLflowSettings(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    errors = {"missing": MlflowException("no such version", error_code=RESOURCE_DOES_NOT_EXIST),
+              "down": MlflowException("database is locked", error_code=INTERNAL_ERROR)}
+
+    def get_model_version(self, name, version):
+        raise errors[version]
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_model_version", get_model_version)
+    assert version_registered(settings, "missing") is False
+    with pytest.raises(MlflowException, match="locked"):
+        version_registered(settings, "down")
