@@ -79,6 +79,11 @@ class ReleaseOutcome:
     warnings: list = field(default_factory=list)
     """What failed after the switch happened (retention): the release serves all the same."""
 
+    @property
+    def ollama_skipped(self) -> bool:
+        """No Ollama server answered: the knowledge base switched alone and `ollama` says where the files are."""
+        return (self.ollama or "").startswith("skipped")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["kb"] = asdict(self.kb) if self.kb else None
@@ -210,7 +215,7 @@ def _build(cfg: DeployConfig, settings: MLflowSettings, target: EnvTarget, ledge
 
 def _drop_built(cfg: DeployConfig, target: EnvTarget, out: ReleaseOutcome) -> None:
     drop_collection(cfg.milvus_uri, out.release.collection)
-    if out.ollama and not out.ollama.startswith("skipped") and reachable(target.host):
+    if out.ollama and not out.ollama_skipped and reachable(target.host):
         delete_tag(target.host, out.release.ollama_tag)
 
 
@@ -514,7 +519,7 @@ def _switch(cfg: DeployConfig, settings: MLflowSettings, target: EnvTarget, ledg
         previous = current
     ledger.event(target.name, "switching", out.release.release_id, current.release_id if current else None, actor, reason)
     try:
-        _apply(cfg, settings, target, out.release, previous, ollama=not (out.ollama or "").startswith("skipped"))
+        _apply(cfg, settings, target, out.release, previous, ollama=not out.ollama_skipped)
     except BaseException as e:
         try:
             _apply(cfg, settings, target, current, ledger.release(stack[-2]) if len(stack) > 1 else None)

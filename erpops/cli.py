@@ -487,7 +487,7 @@ def canary_start(version: str = typer.Option(..., "--version", help="Registered 
     except CanaryError as e:
         _fail(str(e), 2)
     except ReleaseError as e:
-        keep = (e.outcome.ollama or "").startswith("skipped")
+        keep = e.outcome.ollama_skipped
         _fail(f"canary of v{version} in {env} not started: {e.stage} failed: {e}; {env} unchanged")
     finally:
         if not keep:

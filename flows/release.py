@@ -114,7 +114,7 @@ def _release(recipe, settings, env: str, version: str, run_dir: Path, reason: st
         outcome = e.outcome
         raise
     finally:
-        if not (outcome and (outcome.ollama or "").startswith("skipped")):
+        if not (outcome and outcome.ollama_skipped):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -140,7 +140,7 @@ def _record(summary: RunSummary, o: ReleaseOutcome) -> None:
                       "seconds": o.kb.seconds}
         summary.outputs["collection"] = o.kb.collection
     if o.ollama:
-        skipped = o.ollama.startswith("skipped")
+        skipped = o.ollama_skipped
         ol.status, ol.reason = ("skipped", o.ollama[len("skipped: "):]) if skipped else ("ok", None)
         ol.duration_s = round(o.seconds.get("ollama", 0.0), 2)
         ol.outputs = {} if skipped else {"release": o.ollama, "health": o.health}
