@@ -156,10 +156,9 @@ class OptimizeConfig(_Strict):
     calibration_examples: int = Field(32, ge=1)
     """Training examples whose activations calibrate wanda and sparsegpt pruning."""
     calibration_max_tokens: int = Field(256, ge=16)
-    """Tokens kept of each calibration example."""
-    calibration_batch_size: int = Field(8, ge=1)
-    """Calibration examples run through a decoder block together (padded to the longest; padding is left out
-    of the statistics). Larger batches make larger matrix products: faster, at more activation memory."""
+    """Tokens kept of each calibration example. All calibration tokens go through a decoder block in one forward
+    (one packed row, or one padded batch where the model does not run SDPA): its activation memory grows with
+    calibration_examples x calibration_max_tokens (32 x 256 here: tens of MB for SmolLM2-135M)."""
     max_prune_ppl_ratio: float = Field(1.10, gt=0)
     """Pruning is kept only if perplexity(pruned) / perplexity(merged) stays at or below this; else the unpruned model ships."""
     int8_backend: Literal["auto", "torchao", "quanto", "bitsandbytes"] = "auto"

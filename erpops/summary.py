@@ -120,12 +120,15 @@ class PhaseClock(dict):
         self._exact: dict[str, float] = {}
 
     @contextlib.contextmanager
-    def __call__(self, phase: str):
+    def __call__(self, phase: str, excluding: str | None = None):
+        """`excluding`: a phase timed inside this one, whose time is not counted twice (it stays its own)."""
         t0 = time.perf_counter()
+        inner = self._exact.get(excluding, 0.0) if excluding else 0.0
         try:
             yield
         finally:
-            self._exact[phase] = self._exact.get(phase, 0.0) + time.perf_counter() - t0
+            inner = self._exact.get(excluding, 0.0) - inner if excluding else 0.0
+            self._exact[phase] = self._exact.get(phase, 0.0) + time.perf_counter() - t0 - inner
             self[phase] = round(self._exact[phase], 6)
 
 

@@ -205,7 +205,7 @@ def test_failed_pruning_and_quantization_fall_back(tiny_model_dir, corpus, tmp_p
     assert overall_sparsity(shipped) < 0.01  # the unpruned weights shipped
     saved = json.loads((tmp_path / "strict" / "optimize.json").read_text())
     assert saved["pruning"]["keep"] is False and saved["shipped"] == "f16"
-    parts = [saved["seconds"][f"prune_{p}"] for p in ("capture", "statistics", "solve", "propagate")]
+    parts = [saved["seconds"][f"prune_{p}"] for p in ("capture", "forward", "solve")]
     assert all(p > 0 for p in parts) and sum(parts) <= saved["seconds"]["prune"] + 1e-5  # the prune's profile
     names = [v["name"] for v in saved["variants"]]
     assert names == ["merged_fp32", "pruned_wanda_30pct", "int8_torchao", "gguf_q8_0", "gguf_f16"]  # f16: the fallback
@@ -441,9 +441,10 @@ def test_calibrated_prune_shares_one_statistic_between_linears_of_one_input(tiny
     assert seen[layer + "mlp.down_proj"] is not seen[layer + "mlp.gate_proj"]
 
 
-def test_calibration_runs_each_block_twice_per_batch(tiny, monkeypatch):
-    """Block by block: once to collect the statistics, once more (pruned) to feed the next block. Capturing
-    the first block's inputs runs no block at all, and leaves every block's own forward in place."""
+def test_calibration_runs_each_block_once(tiny, monkeypatch):
+    """Block by block, each pruned inside its one forward over all calibration tokens (block 0 runs once more,
+    with hooks that only look, to find which Linears read one input). Capturing the first block's inputs runs
+    no block at all, and leaves every block's own forward in place."""
     from collections import Counter
 
     from training.optimize import sparsegpt_prune
@@ -458,27 +459,69 @@ def test_calibration_runs_each_block_twice_per_batch(tiny, monkeypatch):
 
     monkeypatch.setattr(cls, "forward", counted)
     calibration = [torch.randint(0, 250, (1, n)) for n in (12, 20, 7)]
-    sparsegpt_prune(tiny, 0.3, calibration, batch_size=2)  # two batches: (20, 12) and (7)
-    assert runs == {i: 2 * 2 for i in range(len(layers))}
+    sparsegpt_prune(tiny, 0.3, calibration)
+    assert runs == {0: 2, **{i: 1 for i in range(1, len(layers))}}
     assert all("forward" not in vars(layer) for layer in layers)
 
 
+def test_each_linear_is_pruned_from_what_the_pruned_linears_before_it_produce(tiny):
+    """True sequential: a Linear's statistic is taken from the input its block's Linears before it produced
+    after they were pruned. Pruning q, k and v (then gate and up) to all zeros makes o_proj's input (then
+    down_proj's) all zeros; a statistic from the unpruned block's forward would not be."""
+    from training.optimize import _calibrated_prune
+
+    model = copy.deepcopy(tiny)
+    names = {id(m): n for n, m in model.named_modules()}
+    seen: dict[str, torch.Tensor] = {}
+
+    def zero(linears, H):
+        for m in linears:
+            seen[names[id(m)]] = H
+            m.weight.data.zero_()
+
+    calibration = [torch.randint(1, 250, (1, n), generator=torch.Generator().manual_seed(n)) for n in (12, 20, 7)]
+    _calibrated_prune(model, calibration, "hessian", zero)
+    for i in range(len(model.model.layers)):
+        layer = f"model.layers.{i}."
+        assert seen[layer + "self_attn.q_proj"].abs().sum() > 0
+        assert seen[layer + "mlp.gate_proj"].abs().sum() > 0  # the residual stream still carries the input
+        assert torch.equal(seen[layer + "self_attn.o_proj"], torch.zeros_like(seen[layer + "self_attn.o_proj"]))
+        assert torch.equal(seen[layer + "mlp.down_proj"], torch.zeros_like(seen[layer + "mlp.down_proj"]))
+
+
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_batched_calibration_prunes_as_one_sequence_at_a_time(tiny, method):
-    """Sequences of different lengths share a padded batch; the padding is left out of the statistics and
-    attends nowhere, so the pruned weights are those of one sequence at a time, up to rounding."""
-    from training.optimize import calibration_batches, prunable_linears, prune
+def test_padded_calibration_prunes_as_the_packed_row(tiny, method):
+    """Where the model runs SDPA the calibration sequences go through a block as one packed row (no padding,
+    attention within each sequence); with another attention they are one right-padded batch whose padding is
+    left out of the statistics and attends nowhere. Both prune the same weights, up to rounding."""
+    from training.optimize import calibration_batch, prunable_linears, prune
 
     gen = torch.Generator().manual_seed(0)
     calibration = [torch.randint(0, 250, (1, n), generator=gen) for n in (12, 31, 7, 20, 16)]
-    ids, mask = calibration_batches(calibration, 3)[0]
-    assert ids.shape == (3, 31) and mask.sum(1).tolist() == [31, 20, 16]  # longest first: little padding
-    one, batched = copy.deepcopy(tiny), copy.deepcopy(tiny)
-    prune(one, method, 0.3, calibration, batch_size=1)
-    prune(batched, method, 0.3, calibration, batch_size=3)
-    for (name, a), (_, b) in zip(prunable_linears(one), prunable_linears(batched)):
+    flat, padded = calibration_batch(calibration, True), calibration_batch(calibration, False)
+    assert flat["input_ids"].shape == (1, 86) and flat["doc_lengths"] == (12, 31, 7, 20, 16)
+    assert flat["position_ids"][0, 12:15].tolist() == [0, 1, 2]
+    assert padded["input_ids"].shape == (5, 31) and padded["attention_mask"].sum(1).tolist() == [12, 31, 7, 20, 16]
+    packed, eager = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    eager.set_attn_implementation("eager")
+    prune(packed, method, 0.3, calibration)
+    prune(eager, method, 0.3, calibration)
+    for (name, a), (_, b) in zip(prunable_linears(packed), prunable_linears(eager)):
         assert torch.equal(a.weight == 0, b.weight == 0), name
         torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("n", [7, 64, 301])
+def test_upper_inverse_by_halves_is_the_inverse(n):
+    """The triangular inverse by halves (uneven ones at 301, with a leaf of 16) is the inverse, upper triangular."""
+    from training.optimize import upper_inverse
+
+    g = torch.Generator().manual_seed(n)
+    V = torch.triu(torch.randn(n, n, generator=g, dtype=torch.float64)) + n * torch.eye(n, dtype=torch.float64)
+    inv = upper_inverse(V, leaf=16)
+    assert torch.equal(inv, torch.triu(inv))
+    torch.testing.assert_close(inv @ V, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(inv, torch.linalg.inv(V), rtol=1e-10, atol=1e-12)
 
 
 def test_sparsegpt_on_stacked_linears_prunes_each_as_if_alone():

@@ -13,3 +13,16 @@ def test_phase_clock_adds_up_phases_shorter_than_its_rounding(monkeypatch):
         pass
     assert clock == {"solve": 0.004, "other": 0.0004}
     assert list(clock) == ["solve", "other"]  # in the order first run
+
+
+def test_phase_clock_leaves_out_a_phase_timed_inside_another(monkeypatch):
+    """The prune's forward counts the blocks' time without the solves its hooks run inside it."""
+    import erpops.summary as summary
+
+    ticks = iter([0.0, 1.0, 3.0, 10.0])  # forward starts, solve starts, solve ends, forward ends
+    monkeypatch.setattr(summary.time, "perf_counter", lambda: next(ticks))
+    clock = summary.PhaseClock()
+    with clock("forward", excluding="solve"):
+        with clock("solve"):
+            pass
+    assert clock == {"solve": 2.0, "forward": 8.0}

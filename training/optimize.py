@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from erpops.config import OptimizeConfig
-from erpops.device import Runtime, autocast_weights, gram
+from erpops.device import Runtime, gram
 from erpops.summary import PhaseClock
 from erpops.tracking import Tracker, write_json
 from evaluation.scoring import NLL, response_nll
@@ -66,7 +66,7 @@ class OptimizeResult:
     ship_reason: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall seconds per phase of the stage (merge, prune, int8, gguf_convert_q8_0, ...), in the order run; prune
-    includes its parts, listed before it (prune_capture, prune_statistics, prune_solve, prune_propagate)."""
+    includes its parts, listed before it (prune_capture, prune_solve, prune_forward)."""
 
     def table(self) -> str:
         def cell(v, fmt):
@@ -167,7 +167,7 @@ def calibration_inputs(tokenizer, examples: list[dict], max_tokens: int) -> list
 
 
 def wanda_prune(model, amount: float, calibration: list, runtime: Runtime | None = None,
-                batch_size: int = 8, clock: PhaseClock | None = None) -> dict[str, float]:
+                clock: PhaseClock | None = None) -> dict[str, float]:
     """Wanda (Sun et al., 2024): in each output row of each decoder Linear, zero the `amount` share of
     weights with the smallest |W_ij| * ||X_j||, where ||X_j|| is the L2 norm of input feature j over the
     calibration tokens. Returns the achieved sparsity per layer."""
@@ -180,11 +180,11 @@ def wanda_prune(model, amount: float, calibration: list, runtime: Runtime | None
             if k:
                 m.weight.scatter_(1, torch.topk(score, k, dim=1, largest=False, sorted=False).indices, 0.0)
 
-    return _calibrated_prune(model, calibration, "norms", prune_linears, runtime, batch_size, clock)
+    return _calibrated_prune(model, calibration, "norms", prune_linears, runtime, clock)
 
 
 def sparsegpt_prune(model, amount: float, calibration: list, block: int = 128, damp: float = 0.01,
-                    runtime: Runtime | None = None, batch_size: int = 8, clock: PhaseClock | None = None) -> dict[str, float]:
+                    runtime: Runtime | None = None, clock: PhaseClock | None = None) -> dict[str, float]:
     """SparseGPT (Frantar & Alistarh, 2023): prune with the inverse Hessian H = X^T X of each Linear's
     calibration inputs, and update the weights not pruned to make up for the ones that were (optimal
     brain surgeon, column by column; the mask is chosen per block of `block` columns by w^2 / [H^-1]_jj^2).
@@ -200,7 +200,7 @@ def sparsegpt_prune(model, amount: float, calibration: list, block: int = 128, d
         for m, w in zip(linears, sparsegpt_weights(W, Hinv, dead, amount, block, groups=sizes).split(sizes)):
             m.weight.data.copy_(w.to(m.weight.dtype))
 
-    return _calibrated_prune(model, calibration, "hessian", prune_linears, runtime, batch_size, clock)
+    return _calibrated_prune(model, calibration, "hessian", prune_linears, runtime, clock)
 
 
 def sparsegpt_weights(W, Hinv, dead, amount: float, block: int = 128, groups: list[int] | None = None, sub: int = 16):
@@ -210,26 +210,32 @@ def sparsegpt_weights(W, Hinv, dead, amount: float, block: int = 128, groups: li
     `groups`: row counts of Linears stacked in W that share this Hessian; each one's mask is chosen among its
     own rows, as if pruned alone (default: W is one Linear). Within a block of `block` columns the update is
     applied `sub` columns at a time and then, for the rest of the block, as one product (the result is the
-    column-by-column update's up to rounding)."""
+    column-by-column update's up to rounding). The work is done on W transposed, so that a column of W is a
+    contiguous row: a block's columns and the columns after it are each one contiguous slice, updated in place."""
     import torch
 
     groups = groups or [W.shape[0]]
     W[:, dead] = 0
-    for i1 in range(0, W.shape[1], block):
-        i2 = min(i1 + block, W.shape[1])
-        U = Hinv[i1:i2, i1:i2]
-        d = torch.diag(U)
-        score = W[:, i1:i2] ** 2 / d.reshape(1, -1) ** 2
-        mask = torch.zeros_like(score, dtype=torch.bool)
-        for rows_score, rows_mask in zip(score.split(groups), mask.split(groups)):
-            k = int(rows_score.numel() * amount)
-            if k:  # the set of the k smallest; unsorted, it is found ~3x faster
-                rows_mask.view(-1)[torch.topk(rows_score.flatten(), k, largest=False, sorted=False).indices] = True
-        # transposed, so that a column of the block is a contiguous row
-        W1t = W[:, i1:i2].T.contiguous()
-        scale = (mask.to(W.dtype) / d.reshape(1, -1)).T.contiguous()  # err = w / [H^-1]_ii where pruned
-        errs = torch.empty_like(W1t)  # row i: column i's error
+    Wt = W.T.contiguous()
+    diag = torch.diag(Hinv)
+    for i1 in range(0, Wt.shape[0], block):
+        i2 = min(i1 + block, Wt.shape[0])
         n = i2 - i1
+        U = Hinv[i1:i2, i1:i2]
+        d = diag[i1:i2, None]
+        W1t = Wt[i1:i2]  # the block's columns, one row each (a view: updated in place)
+        score = W1t ** 2 / d ** 2
+        mask = torch.zeros_like(W1t, dtype=torch.bool)
+        r0 = 0
+        for g in groups:
+            k = int(g * n * amount)
+            if k:  # the set of the k smallest of this Linear's block; unsorted, it is found ~3x faster
+                part = torch.zeros(g, n, dtype=torch.bool)
+                part.view(-1)[torch.topk(score[:, r0:r0 + g].T.reshape(-1), k, largest=False, sorted=False).indices] = True
+                mask[:, r0:r0 + g] = part.T
+            r0 += g
+        scale = mask / d  # err = w / [H^-1]_ii where pruned
+        errs = torch.empty_like(W1t)  # row i: column i's error
         for j1 in range(0, n, sub):
             j2 = min(j1 + sub, n)
             for i in range(j1, j2):  # the optimal brain surgeon update, column by column: two ops a column
@@ -237,9 +243,10 @@ def sparsegpt_weights(W, Hinv, dead, amount: float, block: int = 128, groups: li
                 W1t[i:j2].addr_(U[i, i:j2], errs[i], alpha=-1)
             if j2 < n:  # the sub-block's errors reach the block's later columns in one product
                 W1t[j2:].addmm_(U[j1:j2, j2:].T, errs[j1:j2], alpha=-1)
-        W1t[mask.T] = 0  # exact zeros (the update leaves the pruned weights at rounding error)
-        W[:, i1:i2] = W1t.T
-        W[:, i2:] -= errs.T @ Hinv[i1:i2, i2:]
+        W1t.masked_fill_(mask, 0)  # exact zeros (the update leaves the pruned weights at rounding error)
+        if i2 < Wt.shape[0]:
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, errs, alpha=-1)
+    W.copy_(Wt.T)
     return W
 
 
@@ -254,135 +261,169 @@ def _damped_inverse(H, damp: float):
     H = H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    H += damp * torch.mean(torch.diag(H)) * eye
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     V = torch.linalg.cholesky(H.flip(0, 1)).flip(0, 1)
-    return torch.linalg.solve_triangular(V, eye, upper=True), dead
+    return upper_inverse(V), dead
 
 
-def calibration_batches(calibration: list, batch_size: int) -> list[tuple]:
-    """(input_ids, attention_mask) of the calibration sequences (1 x T tensors), longest first, right-padded in
-    batches of `batch_size`: sequences of similar length share a batch, so little is padding."""
+def upper_inverse(V, leaf: int = 192):
+    """The inverse of an upper triangular V, by halves: [[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]],
+    down to `leaf` columns, where a triangular solve takes over. Most of the work becomes two matrix products,
+    which run at the CPU's full rate; a triangular solve against the identity does three times the arithmetic
+    (76 against 146 ms for SparseGPT's 1,536-column Hessians, fp64, 2 cores; the same inverse to 2e-15)."""
     import torch
 
-    order = sorted(calibration, key=lambda ids: ids.shape[-1], reverse=True)
-    batches = []
-    for i in range(0, len(order), batch_size):
-        group = order[i:i + batch_size]
-        width = group[0].shape[-1]
-        ids = torch.zeros(len(group), width, dtype=group[0].dtype)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        for row, seq in enumerate(group):
-            ids[row, :seq.shape[-1]] = seq.reshape(-1)
-            mask[row, :seq.shape[-1]] = 1
-        batches.append((ids, mask))
-    return batches
+    n = V.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(V, torch.eye(n, dtype=V.dtype, device=V.device), upper=True)
+    h = n // 2
+    A_inv, C_inv = upper_inverse(V[:h, :h], leaf), upper_inverse(V[h:, h:], leaf)
+    out = torch.zeros_like(V)
+    out[:h, :h] = A_inv
+    out[h:, h:] = C_inv
+    out[:h, h:] = (A_inv @ V[:h, h:]) @ C_inv
+    out[:h, h:].neg_()
+    return out
+
+
+def calibration_batch(calibration: list, flat: bool) -> dict:
+    """All calibration sequences (1 x T tensors) as one model input: one packed row with no padding at all
+    (`flat`: position_ids restarting at each sequence and `doc_lengths` for `training.packed_attention`), else
+    one right-padded batch with its attention_mask."""
+    import torch
+
+    if flat:
+        return {"input_ids": torch.cat([ids.reshape(-1) for ids in calibration])[None],
+                "position_ids": torch.cat([torch.arange(ids.shape[-1]) for ids in calibration])[None],
+                "doc_lengths": tuple(ids.shape[-1] for ids in calibration)}
+    width = max(ids.shape[-1] for ids in calibration)
+    ids = torch.zeros(len(calibration), width, dtype=calibration[0].dtype)
+    mask = torch.zeros(len(calibration), width, dtype=torch.long)
+    for row, seq in enumerate(calibration):
+        ids[row, :seq.shape[-1]] = seq.reshape(-1)
+        mask[row, :seq.shape[-1]] = 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _calibrated_prune(model, calibration: list, stat: str, prune_linears, runtime: Runtime | None = None,
-                      batch_size: int = 8, clock: PhaseClock | None = None) -> dict[str, float]:
-    """Prune decoder blocks one after another, as Wanda and SparseGPT do: each block's Linear layers are
-    pruned from statistics of their inputs (`norms`: per-feature sum of squares; `hessian`: X^T X), and
-    those inputs come from the blocks before it, already pruned. The calibration sequences run through a
-    block `batch_size` at a time (padded; padding positions are left out of the statistics, so the result
-    does not depend on the batch size beyond rounding). With a bf16 `runtime` the blocks run under its
-    autocast (the statistics are still summed from fp32 products). `prune_linears(linears, statistic)` is
-    called once per input of a block, with every Linear that reads it (q, k and v; gate and up; o; down).
-    `clock` gets the time of each part: prune_capture (the decoder run once to record the first block's inputs),
-    prune_statistics (each block run on its inputs, the statistics summed), prune_solve (`prune_linears`) and
-    prune_propagate (each pruned block run again: the next block's inputs)."""
+                      clock: PhaseClock | None = None) -> dict[str, float]:
+    """Prune decoder blocks one after another, as Wanda and SparseGPT do, and within a block each Linear just
+    before it first runs (the "true sequential" order of GPTQ's and SparseGPT's reference code): the calibration
+    tokens go through a block in one forward, and where that forward reaches a Linear, the statistic of its input
+    (`norms`: per-feature sum of squares; `hessian`: X^T X) is taken from the tokens in hand, which the block's
+    Linears before it produced already pruned, and `prune_linears(linears, statistic)` prunes every Linear that
+    reads that input (q, k and v; gate and up; o; down) before any of them runs. The block's output, computed
+    with its pruned weights, is the next block's input, so each block runs once (pruning a block from its
+    unpruned forward and running it again for the next block's inputs is a forward more per block).
+
+    All sequences go through a block together (`calibration_batch`): one packed row where the model runs SDPA,
+    else one padded batch whose padding is left out of the statistics; activation memory grows with the
+    calibration tokens. With a bf16 `runtime` the blocks run under its autocast (the statistics are fp32
+    products). `clock` gets prune_capture (the decoder run once to record the first block's inputs), prune_forward
+    (the blocks' forwards and the statistics, the solve not counted) and prune_solve (`prune_linears`)."""
     import torch
 
-    clock = clock if clock is not None else PhaseClock()
+    from training.packed_attention import packed_attention
 
+    clock = clock if clock is not None else PhaseClock()
     layers = _decoder_layers(model)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model  # the LM head is not needed
 
-    @contextlib.contextmanager
-    def compute(block=None):  # the runtime's autocast, with the block's weights cast once per pass (not per batch)
-        if runtime is None:
-            yield
-            return
-        with (torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast),
-              autocast_weights(block, runtime) if block is not None else contextlib.nullcontext()):
-            yield
+    def autocast():  # the runtime's, where one is given
+        return (torch.autocast(runtime.device, dtype=runtime.torch_dtype(), enabled=runtime.autocast)
+                if runtime is not None else contextlib.nullcontext())
 
-    batches = [(ids.to(model.device), mask.to(model.device)) for ids, mask in calibration_batches(calibration, batch_size)]
-    # per batch: the positions that are not padding (flattened), or None where the batch has no padding
-    real = [None if bool(mask.all()) else mask.reshape(-1).bool() for _, mask in batches]
-    captured: list[list] = [[] for _ in layers]  # per layer: (args, kwargs) of each calibration batch
+    captured: list = [None] * len(layers)  # per layer: the (args, kwargs) it was called with
 
     def capture(i):
         def forward(*args, **kwargs):  # record the block's inputs and pass the hidden states through unchanged:
-            hidden = _hidden_of(args, kwargs)  # the blocks are run below, one at a time, so none runs here
-            if i > 0:  # hidden states are kept for the first block only: later ones are recomputed
-                args = (None, *args[1:]) if args else args
-                kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            captured[i].append((args, kwargs))
-            return hidden
+            captured[i] = (args, kwargs)  # the blocks are run below, one at a time, so none runs here
+            return _hidden_of(args, kwargs)
         return forward
 
-    for i, layer in enumerate(layers):
-        layer.forward = capture(i)  # an instance attribute: shadows the class's forward until deleted
     model.eval()
-    try:
-        with torch.no_grad(), compute(), clock("prune_capture"):
-            for ids, mask in batches:
-                decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for layer in layers:
-            del layer.forward
-
-    def run(layer, h, args, kwargs, keep):
-        out = _run_layer(layer, h, args, kwargs)
-        if keep is not None:  # padding positions are never attended to; zeros keep them finite block after block
-            out = out.masked_fill(~keep.reshape(out.shape[:-1])[..., None], 0.0)
-        return out
-
-    sparsity: dict[str, float] = {}
-    names = {id(m): n for n, m in model.named_modules()}
-    hidden = [_hidden_of(args, kwargs) for args, kwargs in captured[0]]
-    with torch.no_grad():
+    with torch.no_grad(), packed_attention(model) as flat:
+        batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v
+                 for k, v in calibration_batch(calibration, flat).items()}
         for i, layer in enumerate(layers):
-            linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-            stats = {id(m): (torch.zeros(m.in_features, dtype=torch.float64, device=m.weight.device) if stat == "norms"
-                             else torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device))
-                     for m in linears}
+            layer.forward = capture(i)  # an instance attribute: shadows the class's forward until deleted
+        try:
+            with autocast(), clock("prune_capture"):
+                decoder(**batch, use_cache=False)
+        finally:
+            for layer in layers:
+                del layer.forward
+        # the real (not padding) positions, flattened; None where there is no padding
+        mask = batch.get("attention_mask")
+        keep = None if mask is None or bool(mask.all()) else mask.reshape(-1).bool()
+        with autocast():
+            groups = _input_groups(layers[0], captured[0])
 
-            leader: dict[int, int] = {}  # q, k and v (gate and up) read one tensor: one statistic for all of them
-            last: list = [None, None]  # (the input the previous Linear read, that Linear's id)
-            keep: list = [None]  # the running batch's real positions
+        sparsity: dict[str, float] = {}
+        names = {id(m): n for n, m in model.named_modules()}
+        hidden = _hidden_of(*captured[0])
+        for i, layer in enumerate(layers):
+            readers = {layer.get_submodule(g[0]): [layer.get_submodule(n) for n in g] for g in groups}
+            pruned: set[int] = set()
+            last: list = [None]  # the input the running group's Linears read
 
-            def accumulate(module, args):
-                if args[0] is last[0]:
-                    leader.setdefault(id(module), last[1])
+            def prune_first(module, args, i=i, readers=readers, pruned=pruned, last=last):
+                if module not in readers:  # a later reader of the input its group's first Linear pruned for
+                    if args[0] is not last[0]:
+                        raise RuntimeError(f"decoder block {i}: {names[id(module)]} did not read the input of the "
+                                           "Linears it was grouped with in block 0")
                     return
-                last[:] = [args[0], id(module)]
+                last[0] = args[0]
                 x = args[0].detach().reshape(-1, module.in_features)
-                x = x if keep[0] is None else x[keep[0]]
-                with torch.autocast(x.device.type, enabled=False):  # fp32 products, as SparseGPT's code; fp64 sums
-                    stats[id(module)] += x.float().pow(2).sum(0) if stat == "norms" else gram(x)
-
-            hs = [m.register_forward_pre_hook(accumulate) for m in linears]
-            try:
-                with compute(layer), clock("prune_statistics"):
-                    for h, (args, kwargs), keep[0] in zip(hidden, captured[i], real):
-                        _run_layer(layer, h, args, kwargs)  # for the statistics only: the output is not kept
-            finally:
-                for h in hs:
-                    h.remove()
-                last.clear()
-            groups: dict[int, list] = {}  # leader's id -> the Linears that read its input, in module order
-            for m in linears:
-                groups.setdefault(leader.get(id(m), id(m)), []).append(m)
-            for first, group in groups.items():
+                x = x if keep is None else x[keep]
+                with torch.autocast(x.device.type, enabled=False):  # fp32 products, as SparseGPT's code
+                    s = x.float().pow(2).sum(0) if stat == "norms" else gram(x)
                 with clock("prune_solve"):
-                    prune_linears(group, stats[first])
-                for m in group:
-                    sparsity[names[id(m)]] = float((m.weight == 0).float().mean())
-            with compute(layer), clock("prune_propagate"):
-                hidden = [run(layer, h, args, kwargs, k) for h, (args, kwargs), k in zip(hidden, captured[i], real)]
+                    prune_linears(readers[module], s.double())
+                pruned.update(id(m) for m in readers[module])
+
+            linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+            hooks = [m.register_forward_pre_hook(prune_first) for m in linears]
+            try:
+                with autocast(), clock("prune_forward", excluding="prune_solve"):
+                    args, kwargs = captured[i]
+                    hidden = _run_layer(layer, hidden, args, kwargs)
+                    if keep is not None:  # padding is never attended to; zeros keep it finite block after block
+                        hidden = hidden.masked_fill(~keep.reshape(hidden.shape[:-1])[..., None], 0.0)
+            finally:
+                for h in hooks:
+                    h.remove()
+            missed = [names[id(m)] for m in linears if id(m) not in pruned]
+            if missed:
+                raise RuntimeError(f"decoder block {i}: {missed} never ran on the calibration tokens")
+            for m in linears:
+                sparsity[names[id(m)]] = float((m.weight == 0).float().mean())
     return sparsity
+
+
+def _input_groups(layer, call) -> list[list[str]]:
+    """The block's Linears (names within the block) grouped by the input they read, in the order they run: one
+    forward of the block (`call`: its captured (args, kwargs)) with hooks that only look."""
+    import torch
+
+    names = {id(m): n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    groups: list[list[str]] = []
+    last: list = [None]
+
+    def look(module, args):
+        if args[0] is last[0]:
+            groups[-1].append(names[id(module)])
+        else:
+            last[0] = args[0]
+            groups.append([names[id(module)]])
+
+    hooks = [m.register_forward_pre_hook(look) for m in layer.modules() if id(m) in names]
+    try:
+        _run_layer(layer, _hidden_of(*call), *call)
+    finally:
+        for h in hooks:
+            h.remove()
+    return groups
 
 
 def _decoder_layers(model):
@@ -404,9 +445,9 @@ def _run_layer(layer, hidden, args, kwargs):
 
 
 def prune(model, method: str, amount: float, calibration: list | None = None,
-          runtime: Runtime | None = None, batch_size: int = 8, clock: PhaseClock | None = None) -> dict[str, float]:
+          runtime: Runtime | None = None, clock: PhaseClock | None = None) -> dict[str, float]:
     """Prune `amount` of each decoder Linear's weights in place; wanda and sparsegpt calibrate on `calibration`
-    (token id tensors, `batch_size` at a time), running the blocks under `runtime`'s autocast when given.
+    (token id tensors, all in one forward per block), running the blocks under `runtime`'s autocast when given.
     Returns the sparsity per layer; `clock` gets the calibrated methods' parts (`_calibrated_prune`)."""
     if method == "magnitude":
         return magnitude_prune(model, amount)
@@ -414,8 +455,8 @@ def prune(model, method: str, amount: float, calibration: list | None = None,
         if not calibration:
             raise ValueError(f"{method} pruning needs calibration examples from the training split")
         if method == "wanda":
-            return wanda_prune(model, amount, calibration, runtime, batch_size, clock)
-        return sparsegpt_prune(model, amount, calibration, runtime=runtime, batch_size=batch_size, clock=clock)
+            return wanda_prune(model, amount, calibration, runtime, clock)
+        return sparsegpt_prune(model, amount, calibration, runtime=runtime, clock=clock)
     raise ValueError(f"unknown pruning method {method!r}")
 
 
@@ -647,8 +688,7 @@ def optimize_model(cfg: OptimizeConfig, base: Path | str, adapter_dir: Path, eva
             unpruned = copy.deepcopy(model)
             calibration = (calibration_inputs(tokenizer, (calibration_examples or [])[: cfg.calibration_examples],
                                               cfg.calibration_max_tokens) if cfg.prune_method != "magnitude" else None)
-            layer_sparsity = prune(model, cfg.prune_method, cfg.prune_amount, calibration, runtime,
-                                   cfg.calibration_batch_size, clock)
+            layer_sparsity = prune(model, cfg.prune_method, cfg.prune_amount, calibration, runtime, clock)
         # not timed: dense kernels multiply its zeros like any weight, so its speed and memory are the merged
         # model's (bench/optimize.py: 21.2 against 21.6 tok/s)
         pruned, pruned_scores = measured(f"pruned_{cfg.prune_method}_{round(cfg.prune_amount * 100)}pct", model, t0,
