@@ -694,8 +694,12 @@ def down(home: Path = typer.Option(STACK_HOME, help="The folder `erpops up` used
     """Stop what `erpops up` started (by its pid file)."""
     from erpops.orchestration import stop_stack
 
+    if not (home / "stack.json").exists():
+        typer.echo(f"nothing to stop (no {home / 'stack.json'})")
+        return
     stopped = stop_stack(home)
-    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else f"nothing to stop (no {home / 'stack.json'})")
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else
+               f"nothing to stop: the processes in {home / 'stack.json'} had exited (file removed)")
 
 
 @app.command()

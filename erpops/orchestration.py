@@ -42,6 +42,18 @@ class Service:
     pid: int
     url: str
     log: str
+    started: int | None = None
+    """The process's start time (`process_start`) when it was spawned: after it exits its pid can be given to
+    another process, which `erpops down` must not stop. None: not known (no /proc); the pid is trusted."""
+
+    def running(self) -> bool:
+        """Whether this service's process is still the one running under its pid."""
+        return _alive(self.pid) and not self.reused()
+
+    def reused(self) -> bool:
+        """Whether its pid now belongs to another process. (While any process of the service's group lives, the
+        kernel gives its pid to no other process: a group whose first process exited is still the service's.)"""
+        return self.started is not None and _alive(self.pid) and process_start(self.pid) != self.started
 
 
 @dataclass
@@ -105,7 +117,7 @@ def start_stack(home: Path, tracking_uri: str, artifact_root: str, project_dir: 
     what the printed exports set) track through the server's URL instead of opening the store themselves.
     `milvus_port`: also a Milvus Lite server (data under `home`/milvus) that several processes can share."""
     stack_file = home / "stack.json"
-    if stack_file.exists() and any(_alive(s.pid) for s in Stack.read(stack_file).services):
+    if stack_file.exists() and any(s.running() for s in Stack.read(stack_file).services):
         raise OrchestrationError(f"a stack is already running (see {stack_file}); `erpops down` stops it")
     prefect_port, mlflow_port = free_port(prefect_port), free_port(mlflow_port)
     api = f"http://127.0.0.1:{prefect_port}/api"
@@ -124,12 +136,14 @@ def start_stack(home: Path, tracking_uri: str, artifact_root: str, project_dir: 
         p, log = _spawn("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                            "--port", str(prefect_port)], env, logs, project_dir)
         started.append(p)
-        stack.services.append(Service("prefect-server", p.pid, f"http://127.0.0.1:{prefect_port}", str(log)))
+        stack.services.append(Service("prefect-server", p.pid, f"http://127.0.0.1:{prefect_port}", str(log),
+                                       process_start(p.pid)))
         m, mlog = _spawn("mlflow-server", [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
                                            "--default-artifact-root", artifact_root, "--host", "127.0.0.1",
                                            "--port", str(mlflow_port), "--workers", "1"], env, logs, project_dir)
         started.append(m)
-        stack.services.append(Service("mlflow-server", m.pid, f"http://127.0.0.1:{mlflow_port}", str(mlog)))
+        stack.services.append(Service("mlflow-server", m.pid, f"http://127.0.0.1:{mlflow_port}", str(mlog),
+                                       process_start(m.pid)))
         if milvus_port is not None:
             milvus_port = free_port(milvus_port)
             mv, mvlog = _spawn("milvus-server", [str(Path(sys.executable).with_name("milvus-lite")), "server", "--data-dir",
@@ -137,7 +151,7 @@ def start_stack(home: Path, tracking_uri: str, artifact_root: str, project_dir: 
                                                  "--port", str(milvus_port)], env, logs, project_dir)
             started.append(mv)
             uri = f"http://127.0.0.1:{milvus_port}"
-            stack.services.append(Service("milvus-server", mv.pid, uri, str(mvlog)))
+            stack.services.append(Service("milvus-server", mv.pid, uri, str(mvlog), process_start(mv.pid)))
             stack.env["ERPOPS_MILVUS_URI"] = uri
             wait_tcp("127.0.0.1", milvus_port, timeout, mv, mvlog)
         wait_http(f"{api}/health", timeout, p, log)
@@ -150,7 +164,7 @@ def start_stack(home: Path, tracking_uri: str, artifact_root: str, project_dir: 
             w, wlog = _spawn("prefect-worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL,
                                                 "--type", "process"], worker_env, logs, project_dir)
             started.append(w)
-            stack.services.append(Service("prefect-worker", w.pid, WORK_POOL, str(wlog)))
+            stack.services.append(Service("prefect-worker", w.pid, WORK_POOL, str(wlog), process_start(w.pid)))
             wait_pool(api, WORK_POOL, timeout, w, wlog)
     except BaseException:
         for proc in started:
@@ -196,15 +210,29 @@ def wait_pool(api: str, pool: str, timeout: float, proc: subprocess.Popen | None
 
 
 def stop_stack(home: Path, timeout: float = 30.0) -> list[str]:
-    """Stop every process of the stack (SIGTERM to its group, SIGKILL after `timeout`); returns their names."""
+    """Stop every process of the stack that is still running (SIGTERM to its group, SIGKILL after `timeout`);
+    returns the names of those it stopped. A pid now held by another process (the service exited and the pid was
+    given out again) is left alone."""
     stack_file = home / "stack.json"
     if not stack_file.exists():
         return []
     stack = Stack.read(stack_file)
+    stopped = []
     for s in reversed(stack.services):  # the worker first, so it does not pick up work while the server goes
-        _stop(s.pid, timeout)
+        if not s.reused() and _stop(s.pid, timeout):
+            stopped.append(s.name)
     stack_file.unlink()
-    return [s.name for s in stack.services]
+    return stopped[::-1]
+
+
+def process_start(pid: int) -> int | None:
+    """When the process started (clock ticks after boot: field 22 of /proc/<pid>/stat), which tells a process from
+    a later one given the same pid; None where there is no /proc or no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])  # after "pid (comm) ": field 3 is index 0
 
 
 def _alive(pid: int) -> bool:
@@ -215,25 +243,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _stop(pid: int, timeout: float = 30.0) -> None:
+def _stop(pid: int, timeout: float = 30.0) -> bool:
+    """SIGTERM to the process group `pid` leads, SIGKILL after `timeout`; False when no such group was there."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except OSError:
-        return
+        return False
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             finished, _ = os.waitpid(pid, os.WNOHANG)
             if finished:
-                return
+                return True
         except ChildProcessError:  # not our child (another `erpops` started it): poll instead
             if not _alive(pid):
-                return
+                return True
         time.sleep(0.2)
     try:
         os.killpg(pid, signal.SIGKILL)
     except OSError:
         pass
+    return True
 
 
 # -- triggering deployments --------------------------------------------------------------------------------

@@ -128,13 +128,24 @@ def _validate_parts(i: dict[str, Any]) -> dict[str, Any]:
 
 def _train_parts(i: dict[str, Any]) -> dict[str, Any]:
     r = i["recipe"]
-    return {"model": r.model, "lora": r.lora, "train": r.train, "max_seq_len": r.data.max_seq_len,
-            "examples": digest_json(i["train_examples"]), "runtime": digest_json(i["runtime"])}
+    return {"model": r.model, **_base_identity(i["base"]), "lora": r.lora, "train": r.train,
+            "max_seq_len": r.data.max_seq_len, "examples": digest_json(i["train_examples"]),
+            "runtime": digest_json(i["runtime"])}
 
 
-def _base_identity(base: Path | str) -> dict[str, str]:
-    config = Path(base) / "config.json"
-    return {"base": str(base), "config": digest_file(config) if config.is_file() else "none"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _base_identity(base: Path | str) -> dict[str, Any]:
+    """The base model as the train and optimize stages read it: its config's content and, for a local folder, each
+    weight file's name, size and modification time, so that weights rewritten under the same path (`model.path`)
+    train again instead of coming from the cache (hashing gigabytes of weights on every run would cost seconds; a
+    rewritten file has a new time). A hub id is its name only."""
+    root = Path(base)
+    config = root / "config.json"
+    weights = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES) if root.is_dir() else []
+    return {"base": str(base), "config": digest_file(config) if config.is_file() else "none",
+            "weights": [[str(f.relative_to(root)), st.st_size, st.st_mtime_ns] for f in weights for st in [f.stat()]]}
 
 
 def _optimize_parts(i: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,31 @@ def test_parse_params_reads_json_values_and_refuses_a_missing_equals():
         parse_params(["novalue"])
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process start times come from /proc")
+def test_down_stops_the_stack_s_processes_and_never_a_process_that_took_a_dead_one_s_pid(tmp_path):
+    """`erpops down` stops by pid; a service that exited may have its pid given to another process, which must
+    be left alone: each service carries its process's start time, and a pid whose process started at another
+    time is not the service's."""
+    from erpops.orchestration import Service, Stack, process_start, stop_stack
+
+    exited = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    gone = Service("milvus-server", exited.pid, "http://127.0.0.1:3", "log", process_start(exited.pid))
+    exited.wait(timeout=30)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        alive = Service("mlflow-server", child.pid, "http://127.0.0.1:1", "log", process_start(child.pid))
+        # this test's own process stands for one that took the pid of a service which exited
+        reused = Service("prefect-server", os.getpid(), "http://127.0.0.1:2", "log", process_start(os.getpid()) + 1)
+        assert alive.running() and not reused.running() and reused.reused() and not gone.running()
+        Stack([reused, alive, gone]).write(tmp_path / "stack.json")
+        assert stop_stack(tmp_path, timeout=10) == ["mlflow-server"]
+        assert child.wait(timeout=10) is not None and not (tmp_path / "stack.json").exists()
+        assert not alive.running()  # and this process is still here to check it
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
 def test_exit_code_is_0_only_for_completed():
     assert exit_code("COMPLETED") == 0
     assert {exit_code(s) for s in ("FAILED", "CRASHED", "CANCELLED", "RUNNING", "SCHEDULED", None)} == {1}

@@ -44,6 +44,49 @@ def test_stage_key_depends_on_stage_parts_and_code():
     assert code_version(("training",)) != code_version(("registry",))
 
 
+def test_train_and_optimize_keys_see_base_weights_rewritten_under_the_same_path(tmp_path):
+    """`model.source: path` names a folder; new weights written there must train again, not come from the cache."""
+    import os
+
+    from erpops.config import Recipe
+    from flows.steps import _optimize_parts, _train_parts
+
+    base = tmp_path / "base"
+    (base / "sub").mkdir(parents=True)
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(b"w" * 8)
+    (base / "sub" / "notes.txt").write_text("not weights")
+    recipe = Recipe.model_validate({"name": "t", "model": {"source": "path", "path": str(base)}})
+    train = {"recipe": recipe, "base": base, "train_examples": [], "runtime": {}}
+    optimize = {"cfg": recipe.optimize, "base": base, "adapter_dir": tmp_path / "adapter", "eval_examples": [],
+                "runtime": {}}
+    keys = lambda: (digest_json(_train_parts(train)), digest_json(_optimize_parts(optimize)))  # noqa: E731
+    before = keys()
+    assert keys() == before
+    (base / "sub" / "notes.txt").write_text("still not weights")
+    assert keys() == before
+    st = (base / "model.safetensors").stat()
+    (base / "model.safetensors").write_bytes(b"v" * 8)  # the same size, rewritten
+    os.utime(base / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    after = keys()
+    assert after[0] != before[0] and after[1] != before[1]
+    (base / "config.json").write_text('{"a": 1}')
+    assert keys()[0] != after[0]
+    hub = {**train, "base": "HuggingFaceTB/SmolLM2-1.7B-Instruct"}
+    assert _train_parts(hub)["weights"] == [] and _train_parts(hub)["config"] == "none"
+
+
+def test_every_tiny_model_field_gets_its_own_folder():
+    from erpops.config import TinyModelConfig
+    from training.base_model import tiny_folder_name
+
+    default = TinyModelConfig()
+    names = {tiny_folder_name(default)}
+    for field, value in default.model_dump().items():
+        names.add(tiny_folder_name(default.model_copy(update={field: value + 1})))
+    assert len(names) == 1 + len(TinyModelConfig.model_fields)
+
+
 def test_paths_in_finds_nested_paths(tmp_path):
     made = {"a": [Made(tmp_path / "x", 1)], "b": (tmp_path / "y",)}
     assert set(paths_in(made)) == {tmp_path / "x", tmp_path / "y"}

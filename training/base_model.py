@@ -153,11 +153,16 @@ def _resolve_base_model(cfg: ModelConfig, cache_dir: Path) -> Path:
     tok = cache_dir / "smollm2-tokenizer"
     if not (tok / "tokenizer_config.json").is_file():
         extract_smollm2_tokenizer(tok)
-    t = cfg.tiny
-    tiny = cache_dir / f"tiny-llama-h{t.hidden_size}-l{t.num_layers}-i{t.intermediate_size}-s{t.seed}"
+    tiny = cache_dir / tiny_folder_name(cfg.tiny)
     if not (tiny / "config.json").is_file():
         build_tiny_model(tiny, tok, t)
     return tiny
+
+
+def tiny_folder_name(tiny) -> str:
+    """One folder per tiny-model shape: every field of TinyModelConfig is in the name, so a recipe that changes any
+    of them (num_heads too) gets its own model instead of one built for another shape."""
+    return "tiny-llama-" + "-".join(f"{k}{v}" for k, v in tiny.model_dump().items())
 
 
 def resolve_tokenizer(cfg: ModelConfig, cache_dir: Path) -> Path | str:
