@@ -340,16 +340,31 @@ def trigger(deployment: str, parameters: dict[str, Any], watch: bool, timeout: f
                 return TriggerResult(deployment, str(run.id), state.type.value, state.message or state.name,
                                      _summary(client, run.id))
             if time.time() > deadline:
-                from prefect.states import Cancelled
-
-                client.set_flow_run_state(run.id, Cancelled(message=f"erpops trigger: not finished within {timeout:.0f} s"),
-                                          force=True)
+                cancel_run(client, run.id, f"erpops trigger: not finished within {timeout:.0f} s")
                 why = ("still running" if started else
                        f"never started: no worker picked it up from pool {dep.work_pool_name!r} (`prefect worker start "
                        f"--pool {dep.work_pool_name}`)")
                 return TriggerResult(deployment, str(run.id), state.type.value if state else "SCHEDULED",
                                      f"timed out after {timeout:.0f} s ({why}); the run was cancelled", None)
             time.sleep(poll_s)
+
+
+def cancel_run(client, flow_run_id, message: str) -> str:
+    """Cancel a flow run the way `prefect flow-run cancel` does, and return the state type it is left in.
+
+    The run goes to Cancelling, not straight to Cancelled: a worker running it sees Cancelling, stops its process
+    and marks it Cancelled (a run forced to Cancelled would be left running, unseen); the server turns Cancelling
+    into Cancelled itself for a run no worker picked up (nothing to stop). Where the server refuses Cancelling (a
+    state it cannot leave that way), the run is forced to Cancelled so that no late start surprises anyone."""
+    from prefect.client.schemas.responses import SetStateStatus
+    from prefect.states import Cancelled, Cancelling
+
+    result = client.set_flow_run_state(flow_run_id, Cancelling(message=message))
+    if result.status in (SetStateStatus.ACCEPT, SetStateStatus.REJECT) and result.state is not None and \
+            result.state.type.value in ("CANCELLING", "CANCELLED"):
+        return result.state.type.value
+    client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
+    return "CANCELLED"
 
 
 def _summary(client, flow_run_id) -> dict | None:

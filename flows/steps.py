@@ -105,10 +105,11 @@ def train_step(recipe: Recipe, base: Path | str, train_examples: list[dict], out
         state = run.state.name if run.state else "unknown"
         if run.state is not None and not run.state.is_final():
             from prefect.client.orchestration import get_client
-            from prefect.states import Cancelled
 
-            with get_client(sync_client=True) as client:
-                client.set_flow_run_state(run.id, Cancelled(message=f"train stage gave up after {timeout:.0f} s"), force=True)
+            from erpops.orchestration import cancel_run
+
+            with get_client(sync_client=True) as client:  # the remote worker stops the training process
+                cancel_run(client, run.id, f"train stage gave up after {timeout:.0f} s")
         raise RuntimeError(f"train deployment {name}: flow run {run.id} ended {state} "
                            f"({run.state.message if run.state else 'no state'}) within {timeout:.0f} s")
     mlflow.set_tracking_uri(tracker.tracking_uri)

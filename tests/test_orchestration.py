@@ -302,3 +302,30 @@ print(json.dumps({"supported": peak_rss_mb() is not None, "validate": summary.st
     metrics = got["metrics"]
     assert metrics["system/peak_rss_megabytes"] == metrics["system/peak_rss_megabytes_validate"] == validate
     assert "peak RSS" in got["table"] and "GiB" in got["table"]
+
+
+@pytest.mark.integration
+def test_cancel_run_leaves_a_running_run_to_its_worker_and_cancels_one_never_picked_up(prefect_harness):
+    """A run that times out goes to Cancelling, which the worker running it acts on (stops the process, marks it
+    Cancelled); forced straight to Cancelled it would keep running unseen. One no worker picked up has nothing to
+    stop: the server makes it Cancelled at once."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running, Scheduled
+
+    from erpops.orchestration import cancel_run
+
+    @flow(name="erpops-cancel-probe")
+    def probe():
+        return 1
+
+    with get_client(sync_client=True) as client:
+        waiting = client.create_flow_run(probe, state=Scheduled())  # as a deployment's run waits for a worker
+        assert cancel_run(client, waiting.id, "timed out") == "CANCELLED"
+        assert client.read_flow_run(waiting.id).state.type.value == "CANCELLED"
+
+        running = client.create_flow_run(probe)
+        client.set_flow_run_state(running.id, Running(), force=True)
+        assert cancel_run(client, running.id, "timed out") == "CANCELLING"
+        state = client.read_flow_run(running.id).state
+        assert state.type.value == "CANCELLING" and state.message == "timed out"

@@ -155,7 +155,7 @@ def _resolve_base_model(cfg: ModelConfig, cache_dir: Path) -> Path:
         extract_smollm2_tokenizer(tok)
     tiny = cache_dir / tiny_folder_name(cfg.tiny)
     if not (tiny / "config.json").is_file():
-        build_tiny_model(tiny, tok, t)
+        build_tiny_model(tiny, tok, cfg.tiny)
     return tiny
 
 
