@@ -26,7 +26,7 @@ from erpops.stage_cache import ContentKey, artefacts_exist, digest_file, digest_
 from erpops.tracking import Tracker
 from evaluation.evaluate import evaluate_candidate
 from registry.champion import fetch_champion
-from registry.promote import AliasPlan, log_shipped_model, read_champion, register_version, tag_version
+from registry.promote import AliasPlan, log_shipped_model, read_champion, register_version, tag_version, version_exists
 from training.base_model import MODELS_DIR, load_tokenizer, resolve_base_model
 from training.launch import train as train_stage
 from training.lora import TrainResult
@@ -53,25 +53,10 @@ class Promoted:
         champion is still that version (a failed release that put the champion back makes the next run
         decide again). Only the registry's "no such version" counts as gone; any other registry error is raised
         (a transient outage must not make the cache forget a version that still exists)."""
-        if not version_registered(self.settings, self.version):
+        if not version_exists(self.settings, self.version):
             return False
         champion = self.settings.aliases.champion
         return champion not in self.plan.set or read_champion(self.settings).version == self.version
-
-
-def version_registered(settings: MLflowSettings, version: str) -> bool:
-    """Whether `version` of the registered model exists: False only when the registry says it does not."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
-    try:
-        client.get_model_version(settings.registered_model_name, version)
-    except MlflowException as e:
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return False
-        raise
-    return True
 
 
 def promote_step(settings: MLflowSettings, run_id: str, gguf_path: Path, modelfile: Path | None,

@@ -369,12 +369,18 @@ def tag_version(settings: MLflowSettings, version: str, tags: dict[str, str]) ->
 
 
 def version_exists(settings: MLflowSettings, version: str) -> bool:
+    """Whether `version` of the registered model exists. False only when the registry says so (no such version, or
+    no such registered model); any other registry error is raised: a transient outage is not an answer, and a
+    caller that took it for "gone" would forget a version that still exists (a cached promotion) or leave an alias
+    behind what an environment serves."""
     from mlflow.exceptions import MlflowException
 
     try:
         _client(settings).get_model_version(settings.registered_model_name, version)
-    except MlflowException:
-        return False
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
     return True
 
 

@@ -106,6 +106,13 @@ async def _send_413(send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def request_key(headers: Headers) -> str:
+    """The API key a request carries: `Authorization: Bearer <key>`, else `X-API-Key`; "" without one."""
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    key = credentials.strip() if scheme.lower() == "bearer" else ""
+    return key or headers.get("x-api-key", "").strip()
+
+
 def create_app(service: Service) -> FastAPI:
     """The FastAPI app over a Service; request models carry the service's limits, so OpenAPI states them."""
     s = service.settings
@@ -206,8 +213,7 @@ def create_app(service: Service) -> FastAPI:
         """Who a request's key names (LOCAL with auth off); None without a valid key. As `role` reads it."""
         if not s.auth:
             return LOCAL
-        scheme, _, credentials = headers.get("authorization", "").partition(" ")
-        key = credentials.strip() if scheme.lower() == "bearer" else headers.get("x-api-key", "")
+        key = request_key(headers)
         return service.keys.verify(key) if key else None
 
     def audit_too_large(scope: dict) -> None:
@@ -279,12 +285,13 @@ def create_app(service: Service) -> FastAPI:
     header_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same key in `X-API-Key`.")
 
     def role(required: str):
-        def check(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-                  x_api_key: Annotated[str | None, Depends(header_key)]) -> Principal:
+        # the two schemes are declared for the OpenAPI document; the key is read as `caller` reads it
+        def check(request: Request, _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+                  _header: Annotated[str | None, Depends(header_key)]) -> Principal:
             if not s.auth:
                 principal = LOCAL
             else:
-                key = credentials.credentials if credentials else (x_api_key or "")
+                key = request_key(request.headers)
                 if not key:
                     raise HTTPException(401, "missing API key: send `Authorization: Bearer <key>` or `X-API-Key`",
                                         headers={"WWW-Authenticate": "Bearer"})

@@ -79,7 +79,7 @@ def test_only_a_missing_version_counts_as_gone(monkeypatch, tmp_path):
     from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST
 
     from erpops.config import MLflowSettings
-    from flows.steps import version_registered
+    from registry.promote import version_exists
 
     settings = MLflowSettings(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
     errors = {"missing": MlflowException("no such version", error_code=RESOURCE_DOES_NOT_EXIST),
@@ -88,7 +88,11 @@ def test_only_a_missing_version_counts_as_gone(monkeypatch, tmp_path):
     def get_model_version(self, name, version):
         raise errors[version]
 
+    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    assert version_exists(settings, "1") is False  # a real store without the registered model
+    client.create_registered_model(settings.registered_model_name)
+    assert version_exists(settings, "1") is False  # with it, without the version
     monkeypatch.setattr(mlflow.MlflowClient, "get_model_version", get_model_version)
-    assert version_registered(settings, "missing") is False
+    assert version_exists(settings, "missing") is False
     with pytest.raises(MlflowException, match="locked"):
-        version_registered(settings, "down")
+        version_exists(settings, "down")
