@@ -95,7 +95,7 @@ def main() -> None:
 
             before = fresh_p50(args.questions)
             canary = start_canary(world.cfg, world.mlflow, "staging", "2", fake_gguf(world.root, "bench-canary"), SPEC,
-                                  DOCS, None, "bench", policy=CanaryPolicy(steps=(50, 100), window_s=3600))
+                                  DOCS, None, "bench", policy=CanaryPolicy(steps=(50, 100), window_s=3600)).state
             during = fresh_p50(args.questions)
             svc, ref = world.service, world.service.resolve("staging")
             t0 = time.perf_counter()

@@ -26,9 +26,11 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from deployment.canaries import CanaryLedger, CanaryState
-from deployment.deploy import ReleaseError, env_target, prepare_release, reconcile, release_lock, switch_release
+from deployment.deploy import (ReleaseError, ReleaseOutcome, env_target, prepare_release, reconcile, release_lock,
+                               switch_release)
 from deployment.modelfile import ModelfileSpec
 from deployment.releases import ReleaseLedger, utc_now
 from erpops.config import CanaryPolicy, DeployConfig, MLflowSettings
@@ -60,10 +62,18 @@ def _active(ledger: CanaryLedger, env: str) -> CanaryState:
     return state
 
 
+class CanaryStart(NamedTuple):
+    state: CanaryState
+    """The canary as the ledger has it after the start."""
+    release: ReleaseOutcome
+    """How its release was built (`release.ollama_skipped`: no Ollama server answered, and `release.ollama` says
+    where the bundle is to import by hand)."""
+
+
 def start_canary(cfg: DeployConfig, settings: MLflowSettings, env: str, version: str, gguf: Path, spec: ModelfileSpec,
                  docs: list[dict], golden: list[dict] | None, actor: str, reason: str = "",
                  policy: CanaryPolicy | None = None, ab_split: float | None = None,
-                 expected_sha256: str | None = None) -> CanaryState:
+                 expected_sha256: str | None = None) -> CanaryStart:
     """Build a release of `version` for `env` without switching it (deploy.prepare_release), then start routing
     the first step's share of conversations to it. `ab_split` (percent): an A/B test at that fixed weight instead
     of steps; it is judged the same way (a failure aborts it) but never promotes itself."""
@@ -89,7 +99,7 @@ def start_canary(cfg: DeployConfig, settings: MLflowSettings, env: str, version:
                      reason=reason or f"{mode} of v{version} against {stable}")
     state = ledger.state(env)
     log.info("canary %s: %s%% of %s conversations on %s", state.canary_id, state.weight, env, state.release_id)
-    return state
+    return CanaryStart(state, out)
 
 
 def _precheck(ledger: CanaryLedger, settings: MLflowSettings, env: str) -> str:

@@ -452,9 +452,10 @@ def canary_start(version: str = typer.Option(..., "--version", help="Registered 
     step's share of conversations to it (deploy.canary.steps); the chat service judges each step's window and
     moves, pauses, aborts or promotes it. Exit 2 when the version is not registered or holds no GGUF.
 
-    The GGUF is downloaded into a temporary folder, removed once the canary started or failed to, unless a failed
-    build's Ollama half was skipped (the error then points at the folder, to import the model by hand); a switch
-    to the canary's release fetches the GGUF from the registry again where the host lacks its model."""
+    The GGUF is downloaded into a temporary folder, removed once the canary started or failed to, unless the
+    build's Ollama half was skipped (no server answered: the message then points at the folder, to import the model
+    by hand); a switch to the canary's release fetches the GGUF from the registry again where the host lacks its
+    model."""
     import shutil
     import tempfile
 
@@ -481,9 +482,10 @@ def canary_start(version: str = typer.Option(..., "--version", help="Registered 
                   f"cannot be fetched from {settings.tracking_uri}: {getattr(e, 'message', e)}; {env} unchanged", 2)
         docs = validate_step(r.data, r.model, run_dir / "data").docs
         golden_path = r.data.root / "golden_queries.jsonl"
-        state = start_canary(r.deploy, settings, env, version, gguf, spec, docs,
-                             read_golden(golden_path) if golden_path.is_file() else None, current_actor(), reason,
-                             ab_split=ab, expected_sha256=version_tags(settings, version).get("gguf_sha256"))
+        state, built = start_canary(r.deploy, settings, env, version, gguf, spec, docs,
+                                    read_golden(golden_path) if golden_path.is_file() else None, current_actor(),
+                                    reason, ab_split=ab, expected_sha256=version_tags(settings, version).get("gguf_sha256"))
+        keep = built.ollama_skipped  # the started canary's Ollama half too: its message points at the folder
     except CanaryError as e:
         _fail(str(e), 2)
     except ReleaseError as e:
@@ -492,6 +494,8 @@ def canary_start(version: str = typer.Option(..., "--version", help="Registered 
     finally:
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
+    if keep:
+        typer.echo(f"ollama: {built.ollama}", err=True)
     typer.echo(json.dumps(state.to_dict(), indent=2, ensure_ascii=False))
 
 

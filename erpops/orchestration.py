@@ -340,7 +340,9 @@ def trigger(deployment: str, parameters: dict[str, Any], watch: bool, timeout: f
                 return TriggerResult(deployment, str(run.id), state.type.value, state.message or state.name,
                                      _summary(client, run.id))
             if time.time() > deadline:
-                cancel_run(client, run.id, f"erpops trigger: not finished within {timeout:.0f} s")
+                if cancel_run(client, run.id, f"erpops trigger: not finished within {timeout:.0f} s") not in \
+                        ("CANCELLING", "CANCELLED"):
+                    continue  # it ended just now: the next look reports how
                 why = ("still running" if started else
                        f"never started: no worker picked it up from pool {dep.work_pool_name!r} (`prefect worker start "
                        f"--pool {dep.work_pool_name}`)")
@@ -354,8 +356,10 @@ def cancel_run(client, flow_run_id, message: str) -> str:
 
     The run goes to Cancelling, not straight to Cancelled: a worker running it sees Cancelling, stops its process
     and marks it Cancelled (a run forced to Cancelled would be left running, unseen); the server turns Cancelling
-    into Cancelled itself for a run no worker picked up (nothing to stop). Where the server refuses Cancelling (a
-    state it cannot leave that way), the run is forced to Cancelled so that no late start surprises anyone."""
+    into Cancelled itself for a run no worker picked up (nothing to stop). A run that reached a final state in the
+    meantime (it finished between the caller's last look and this call) is left as it ended, and that state is
+    returned. Where the server refuses Cancelling otherwise, the run is forced to Cancelled so that no late start
+    surprises anyone."""
     from prefect.client.schemas.responses import SetStateStatus
     from prefect.states import Cancelled, Cancelling
 
@@ -363,6 +367,9 @@ def cancel_run(client, flow_run_id, message: str) -> str:
     if result.status in (SetStateStatus.ACCEPT, SetStateStatus.REJECT) and result.state is not None and \
             result.state.type.value in ("CANCELLING", "CANCELLED"):
         return result.state.type.value
+    now = client.read_flow_run(flow_run_id).state
+    if now is not None and now.is_final():
+        return now.type.value
     client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
     return "CANCELLED"
 

@@ -73,8 +73,14 @@ def release(recipe_path: str = "recipes/smollm2-135m/cpu.yaml", mlflow_config: s
         log.error("release of v%s to %s stopped: %s", version, env, e)
         if restore:
             plan = AliasPlan(restore["set"], tuple(restore.get("delete", ())), restore.get("before", {}))
-            restore_aliases(settings, plan, (settings.aliases.champion, settings.aliases.previous),
-                            reason=f"release of v{version} to {env} failed; serving stays as it was")
+            try:
+                restore_aliases(settings, plan, (settings.aliases.champion, settings.aliases.previous),
+                                reason=f"release of v{version} to {env} failed; serving stays as it was")
+            except Exception as undo:  # the summary is still written, and says the aliases stayed where they are
+                summary.stages[stage].reason += (f"; the champion and previous aliases were NOT put back "
+                                                 f"({type(undo).__name__}: {undo}): `erpops status` shows them, "
+                                                 f"`erpops promote VERSION` moves the champion")
+                log.error("release of v%s to %s: aliases not put back: %s", version, env, undo)
     else:
         _record(summary, outcome)
         _tag_release(summary, settings, env, version, outcome)

@@ -27,7 +27,7 @@ from erpops.tracking import Tracker
 from evaluation.evaluate import evaluate_candidate
 from registry.champion import fetch_champion
 from registry.promote import AliasPlan, log_shipped_model, read_champion, register_version, tag_version, version_exists
-from training.base_model import MODELS_DIR, load_tokenizer, resolve_base_model
+from training.base_model import MODELS_DIR, load_tokenizer, resolve_base_model, resolve_tokenizer
 from training.launch import train as train_stage
 from training.lora import TrainResult
 from training.optimize import optimize_model
@@ -51,9 +51,11 @@ class Promoted:
     def still_stands(self) -> bool:
         """A cached promotion is reused only while its version exists and, if it moved the champion, the
         champion is still that version (a failed release that put the champion back makes the next run
-        decide again). Only the registry's "no such version" counts as gone; any other registry error is raised
-        (a transient outage must not make the cache forget a version that still exists)."""
-        if not version_exists(self.settings, self.version):
+        decide again). A promotion the registry refused (the champion had moved since the gate: `plan.skipped`) is
+        never reused: the champion it was refused against may be back, and the gate's pass stands to be acted on.
+        Only the registry's "no such version" counts as gone; any other registry error is raised (a transient outage
+        must not make the cache forget a version that still exists)."""
+        if self.plan.skipped or not version_exists(self.settings, self.version):
             return False
         champion = self.settings.aliases.champion
         return champion not in self.plan.set or read_champion(self.settings).version == self.version
@@ -108,7 +110,7 @@ def train_step(recipe: Recipe, base: Path | str, train_examples: list[dict], out
 
 def _validate_parts(i: dict[str, Any]) -> dict[str, Any]:
     d: DataConfig = i["data"]
-    return {"data": d, "model": i["model"],
+    return {"data": d, "model": i["model"], "tokenizer": _base_identity(resolve_tokenizer(i["model"], MODELS_DIR)),
             "files": digest_paths([d.root / d.qa_pairs, d.root / d.chat_logs, d.root / d.docs, d.root / d.feedback])}
 
 
@@ -122,15 +124,24 @@ def _train_parts(i: dict[str, Any]) -> dict[str, Any]:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
+READ_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+              "vocab.*", "merges.txt", "spiece.model", "chat_template*", "*processor_config.json")
+"""Files of a model folder, besides its weights, that transformers reads (fnmatch patterns, top level)."""
+
+
 def _base_identity(base: Path | str) -> dict[str, Any]:
-    """The base model as the train and optimize stages read it: its config's content and, for a local folder, each
-    weight file's name, size and modification time, so that weights rewritten under the same path (`model.path`)
-    train again instead of coming from the cache (hashing gigabytes of weights on every run would cost seconds; a
-    rewritten file has a new time). A hub id is its name only."""
+    """The base model (or tokenizer) folder as the stages read it: the content of the files transformers reads
+    besides the weights (config, tokenizer, chat template: small; `READ_FILES`) and each weight file's name, size
+    and modification time, so that a model rewritten under the same path (`model.path`) trains again instead of
+    coming from the cache (hashing gigabytes of weights on every run would cost seconds; a rewritten file has a new
+    time). Other files (a README, notes) do not count. A hub id is its name only."""
+    import fnmatch
+
     root = Path(base)
-    config = root / "config.json"
     weights = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES) if root.is_dir() else []
-    return {"base": str(base), "config": digest_file(config) if config.is_file() else "none",
+    read = sorted(f for f in root.iterdir() if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in READ_FILES)
+                  ) if root.is_dir() else []
+    return {"base": str(base), "files": [[f.name, digest_file(f)] for f in read],
             "weights": [[str(f.relative_to(root)), st.st_size, st.st_mtime_ns] for f in weights for st in [f.stat()]]}
 
 
@@ -166,7 +177,9 @@ base_model_task = task(resolve_base_model, name="base-model", cache_policy=NO_CA
 train_task = _cached(train_step, "train", _train_parts, ("training", "erpops"))
 optimize_task = _cached(optimize_model, "optimize", _optimize_parts, ("training", "deployment", "evaluation", "erpops"))
 champion_task = task(fetch_champion, name="fetch-champion", cache_policy=NO_CACHE, **IO_RETRIES)
-evaluate_task = _cached(evaluate_candidate, "evaluate", _evaluate_parts, ("evaluation", "training", "erpops"))
+# data_contracts: the gate's language_agreement detects languages with its rules
+evaluate_task = _cached(evaluate_candidate, "evaluate", _evaluate_parts, ("evaluation", "training", "data_contracts",
+                                                                          "erpops"))
 promote_task = _cached(promote_step, "promote", _promote_parts, ("registry", "erpops"), valid=lambda r: r.still_stands())
 tag_task = task(tag_version, name="tag-version", cache_policy=NO_CACHE, **IO_RETRIES)
 bundle_task = task(registered_bundle, name="registered-bundle", cache_policy=NO_CACHE, **IO_RETRIES)

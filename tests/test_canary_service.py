@@ -41,7 +41,8 @@ def _start(w, policy=POLICY, **kw):
     client = mlflow.MlflowClient(w.mlflow.tracking_uri, w.mlflow.tracking_uri)
     version = client.create_model_version(w.mlflow.registered_model_name, source=str(w.root)).version
     gguf = fake_gguf(w.root, f"canary-v{version}")
-    return start_canary(w.cfg, w.mlflow, "staging", str(version), gguf, SPEC, DOCS, None, "tester", policy=policy, **kw)
+    return start_canary(w.cfg, w.mlflow, "staging", str(version), gguf, SPEC, DOCS, None, "tester", policy=policy,
+                        **kw).state
 
 
 def _chat(w, session=None):
@@ -195,6 +196,24 @@ def test_a_canary_of_a_release_no_longer_serving_is_aborted(world):
     out = w.service.canary_tick()
     assert out["action"] == "abort" and out["state"].canary_id == state.canary_id
     assert "was switched" in w.service.canary().reason
+
+
+def test_a_canary_started_with_no_ollama_answering_says_where_its_bundle_is(world):
+    import mlflow
+    from test_providers import free_port
+
+    w = world
+    client = mlflow.MlflowClient(w.mlflow.tracking_uri, w.mlflow.tracking_uri)
+    version = client.create_model_version(w.mlflow.registered_model_name, source=str(w.root)).version
+    gguf = fake_gguf(w.root, f"canary-v{version}-no-ollama")
+    down = w.cfg.model_copy(update={"ollama_host": f"http://127.0.0.1:{free_port()}"})
+    started = start_canary(down, w.mlflow, "staging", str(version), gguf, SPEC, DOCS, None, "tester", policy=POLICY)
+    try:
+        assert started.release.ollama_skipped and started.state.status == "progressing"
+        assert f"bundle to import by hand: {gguf.parent}" in started.release.ollama
+    finally:
+        w.client.post("/api/v1/environments/staging/canary/abort", json={"reason": "done"}, headers=w.auth("admin"))
+    assert w.service.canary().status == "aborted"
 
 
 def test_the_analysis_thread_rolls_a_faulty_canary_back_by_itself(tmp_path):

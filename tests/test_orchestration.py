@@ -311,7 +311,7 @@ def test_cancel_run_leaves_a_running_run_to_its_worker_and_cancels_one_never_pic
     stop: the server makes it Cancelled at once."""
     from prefect import flow
     from prefect.client.orchestration import get_client
-    from prefect.states import Running, Scheduled
+    from prefect.states import Completed, Running, Scheduled
 
     from erpops.orchestration import cancel_run
 
@@ -329,3 +329,9 @@ def test_cancel_run_leaves_a_running_run_to_its_worker_and_cancels_one_never_pic
         assert cancel_run(client, running.id, "timed out") == "CANCELLING"
         state = client.read_flow_run(running.id).state
         assert state.type.value == "CANCELLING" and state.message == "timed out"
+
+        done = client.create_flow_run(probe)  # it finished between the caller's last look and the cancel
+        client.set_flow_run_state(done.id, Running(), force=True)
+        client.set_flow_run_state(done.id, Completed(), force=True)
+        assert cancel_run(client, done.id, "timed out") == "COMPLETED"
+        assert client.read_flow_run(done.id).state.type.value == "COMPLETED"

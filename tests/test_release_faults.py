@@ -110,7 +110,7 @@ def test_an_abort_after_a_promotion_killed_half_way_puts_the_environment_back(se
     cfg, settings, ggufs, _ = setup
     release(setup, "staging", "1")
     before = serving(setup, double, "staging")
-    state = start_canary(cfg, settings, "staging", "2", ggufs["2"], SPEC, DOCS, None, "tester")
+    state = start_canary(cfg, settings, "staging", "2", ggufs["2"], SPEC, DOCS, None, "tester").state
     script = tmp_path / "crash.py"
     script.write_text(CRASH_PROMOTION.format(repo=str(REPO), tests=str(REPO / "tests")))
     args = {"cfg": cfg.model_dump(mode="json"), "settings": settings.model_dump(mode="json"),
@@ -130,7 +130,7 @@ def test_an_abort_puts_back_a_promotion_whose_undo_failed(setup, double, monkeyp
     cfg, settings, ggufs, _ = setup
     release(setup, "staging", "1")
     before = serving(setup, double, "staging")
-    state = start_canary(cfg, settings, "staging", "2", ggufs["2"], SPEC, DOCS, None, "tester")
+    state = start_canary(cfg, settings, "staging", "2", ggufs["2"], SPEC, DOCS, None, "tester").state
     calls = []
     real_point = D.point_alias
 
@@ -362,3 +362,25 @@ def test_the_release_flow_keeps_the_download_when_the_ollama_half_was_skipped(se
     assert ollama["status"] == "skipped" and str(downloads[0]) in ollama["reason"]
     assert (downloads[0] / "model" / "model.gguf").is_file()  # the folder the message points at, to import by hand
     shutil.rmtree(downloads[0])
+
+
+def test_a_failed_release_whose_alias_restore_fails_still_writes_its_summary(setup, release_flow, monkeypatch):
+    """The registry goes away under a release: the download fails, then the champion's put-back fails too. The flow
+    still ends Failed with its summary written, and the summary says the aliases stayed where they are."""
+    import json
+
+    from flows import release as F
+    from flows import steps
+
+    run, _ = release_flow
+
+    def registry_down(*a, **k):
+        raise ConnectionError("injected: registry unreachable")
+
+    monkeypatch.setattr(steps, "bundle_task", registry_down)
+    monkeypatch.setattr(F, "restore_aliases", registry_down)
+    state = run("1", restore={"set": {"champion": "1"}, "delete": [], "before": {}})
+    assert state.is_failed() and "NOT put back" in state.message
+    summary = json.loads(Path(state.message.rsplit("summary: ", 1)[1]).read_text())
+    kb = next(s for s in summary["stages"] if s["name"] == "deploy_kb")
+    assert kb["status"] == "failed" and "registry unreachable" in kb["reason"] and "erpops promote" in kb["reason"]

@@ -72,8 +72,14 @@ def test_train_and_optimize_keys_see_base_weights_rewritten_under_the_same_path(
     assert after[0] != before[0] and after[1] != before[1]
     (base / "config.json").write_text('{"a": 1}')
     assert keys()[0] != after[0]
+    after = keys()
+    (base / "chat_template.jinja").write_text("{{ messages }}")  # a new chat template: both stages again
+    assert keys()[0] != after[0] and keys()[1] != after[1]
+    after = keys()
+    (base / "README.md").write_text("a model card")  # not read by the stages
+    assert keys() == after
     hub = {**train, "base": "HuggingFaceTB/SmolLM2-1.7B-Instruct"}
-    assert _train_parts(hub)["weights"] == [] and _train_parts(hub)["config"] == "none"
+    assert _train_parts(hub)["weights"] == [] and _train_parts(hub)["files"] == []
 
 
 def test_every_tiny_model_field_gets_its_own_folder():

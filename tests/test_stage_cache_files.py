@@ -96,3 +96,21 @@ def test_only_a_missing_version_counts_as_gone(monkeypatch, tmp_path):
     assert version_exists(settings, "missing") is False
     with pytest.raises(MlflowException, match="locked"):
         version_exists(settings, "down")
+
+
+def test_a_promotion_the_registry_refused_is_never_reused(tmp_path):
+    """The gate passed but the champion had moved since: the champion may be back by the next run, and the pass
+    must then be acted on, not read back from the cache."""
+    import mlflow
+
+    from erpops.config import MLflowSettings
+    from flows.steps import Promoted
+    from registry.promote import AliasPlan
+
+    settings = MLflowSettings(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    client.create_registered_model(settings.registered_model_name)
+    version = client.create_model_version(settings.registered_model_name, source=str(tmp_path)).version
+    kept = Promoted(version, AliasPlan({"candidate": version}), settings)
+    refused = Promoted(version, AliasPlan({"candidate": version}, skipped="the champion is now v6"), settings)
+    assert kept.still_stands() and not refused.still_stands()
