@@ -104,16 +104,16 @@ def open_bundle(path: Path, dest: Path) -> tuple[Release, ModelfileSpec, dict, P
         spec_d = manifest["modelfile_spec"]
         spec = ModelfileSpec(spec_d["template"], spec_d["system"], tuple(spec_d["stop"]), spec_d["parameters"])
         rendered = spec.render("model.gguf")
-        listed = manifest["files"]
+        listed = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise BundleError(f"{path}: {MANIFEST} is missing or damaged ({type(e).__name__}: {e})") from None
     for name in FILES:
         p = dest / name
         if name not in listed or not p.is_file():
             raise BundleError(f"{path}: {name} is missing")
-        if p.stat().st_size != listed[name]["bytes"] or _sha256(p) != listed[name]["sha256"]:
+        if (p.stat().st_size, _sha256(p)) != listed[name]:
             raise BundleError(f"{path}: {name} does not match its sha256 in {MANIFEST} (corrupted or altered); nothing imported")
-    if listed["model.gguf"]["sha256"] != release.gguf_sha256:
+    if listed["model.gguf"][1] != release.gguf_sha256:
         raise BundleError(f"{path}: model.gguf is not release {release.release_id}'s GGUF ({release.gguf_sha256})")
     differs = modelfile_difference(rendered, (dest / "Modelfile").read_bytes().decode("utf-8", errors="replace"))
     if differs:

@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from deployment.canaries import CanaryLedger
@@ -249,13 +250,18 @@ def import_release(cfg: DeployConfig, settings: MLflowSettings, env: str, bundle
     collection written from the bundled rows (no embedding run), its GGUF created in Ollama, and `env` switched."""
     import dataclasses
 
-    from deployment.bundle import open_bundle, read_kb_rows
+    from deployment.bundle import BundleError, open_bundle, read_kb_rows
+    from deployment.milvus import EMBEDDERS
     from deployment.vector_store import nearest_self_check, write_collection
 
     target = env_target(cfg, env)
     ledger = ReleaseLedger(settings)
     with tempfile.TemporaryDirectory(prefix="erpops-bundle-") as tmp:
         release, spec, manifest, folder = open_bundle(bundle, Path(tmp))  # BundleError before anything is written
+        if release.embedding_model not in EMBEDDERS and not Path(release.embedding_model).is_dir():
+            raise BundleError(f"{bundle}: its knowledge base was embedded with {release.embedding_model!r}, which this "
+                              f"machine does not have (one of {', '.join(EMBEDDERS)}, or a local SentenceTransformer "
+                              f"folder): the chat could not embed questions for it; nothing imported")
         release = dataclasses.replace(release, model=settings.registered_model_name,
                                       ollama_tag=f"{cfg.ollama_model}:{release.release_id}")
         with release_lock(settings):
@@ -280,7 +286,8 @@ def import_release(cfg: DeployConfig, settings: MLflowSettings, env: str, bundle
             out.seconds["kb"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             try:
-                _prepare_ollama(cfg, target, release.release_id, folder / "model.gguf", release.gguf_sha256, spec, out)
+                _prepare_ollama(cfg, target, release.release_id, folder / "model.gguf", release.gguf_sha256, spec, out,
+                                where=bundle)  # the unpacked folder goes when this returns; the bundle stays
             except Exception as e:
                 if built:
                     drop_collection(cfg.milvus_uri, release.collection)
@@ -414,10 +421,17 @@ def reconcile(cfg: DeployConfig, settings: MLflowSettings, target: EnvTarget, ac
     return note
 
 
+PREPARED_GRACE_S = 900.0
+"""A release built and never named by any event since (`prepare_release`: a canary about to start) is kept this
+long: `start_canary` writes the canary's start under the canary lock, after the build let go of the release lock,
+and a retention run in between must not drop what the canary is about to route to."""
+
+
 def collect(cfg: DeployConfig, settings: MLflowSettings) -> dict[str, list[str]]:
     """Drop what no environment can go back to: collections (and Ollama release tags) of releases that are neither
     the current nor the previous one of any environment, beyond the newest `keep_releases`; and leftovers of
-    builds that never switched (a crashed run, an aborted canary); a running canary's release is kept. Unloads
+    builds that never switched (a crashed run, an aborted canary); a running canary's release is kept, and so is
+    a build no event names yet for PREPARED_GRACE_S (a canary's, about to start). Unloads
     collections no alias points at except each env's previous one, which stays loaded: requests in flight drain
     from it and a rollback switches back at once."""
     ledger, canaries = ReleaseLedger(settings), CanaryLedger(settings)
@@ -428,6 +442,10 @@ def collect(cfg: DeployConfig, settings: MLflowSettings) -> dict[str, list[str]]
     switched = [r for r in releases if r.release_id in switched_ids]
     keep_ids.update(r.release_id for r in switched[-cfg.keep_releases:])
     keep_ids.update(s.release_id for s in (canaries.state(env) for env in cfg.environments) if s and s.active)
+    named = {e.release_id for e in events} | {e.from_release for e in events}
+    now = utc_now()
+    keep_ids.update(r.release_id for r in releases if r.release_id not in named and
+                    (now - datetime.fromisoformat(r.created_at)).total_seconds() < PREPARED_GRACE_S)
     keep_collections = {r.collection for r in releases if r.release_id in keep_ids}
     dropped = collect_collections(cfg.milvus_uri, cfg.collection_alias, keep_collections, keep_newest=0)
     hosts = {env_target(cfg, env).host for env in cfg.environments}
@@ -461,9 +479,11 @@ def _failer(ledger: ReleaseLedger, out: ReleaseOutcome, target: EnvTarget, relea
 
 
 def _prepare_ollama(cfg: DeployConfig, target: EnvTarget, release_id: str, gguf: Path, sha: str, spec: ModelfileSpec,
-                    out: ReleaseOutcome) -> str | None:
+                    out: ReleaseOutcome, where: Path | None = None) -> str | None:
+    """`where`: what to point the user at when the server does not answer (default: the GGUF's folder)."""
     if not reachable(target.host):
-        out.ollama = f"skipped: no Ollama server answered at {target.host}; bundle to import by hand: {gguf.parent}"
+        out.ollama = (f"skipped: no Ollama server answered at {target.host}; bundle to import by hand: "
+                      f"{where or gguf.parent}")
         log.warning("ollama: %s", out.ollama)
         return None
     prepared = prepare_model(target.host, cfg.ollama_model, release_id, gguf, sha, spec,
@@ -550,17 +570,24 @@ def _apply(cfg: DeployConfig, settings: MLflowSettings, target: EnvTarget, curre
         current_tag, previous_tag = (r.ollama_tag if r is not None and r.ollama_tag in held else None
                                      for r in (current, previous))
         set_env_tags(target.host, cfg.ollama_model, target.name, current_tag, previous_tag, cfg.ollama_timeout_s)
-    _set_registry_alias(settings, target.name, current.model_version if current else None)
+    _set_registry_alias(settings, target.name, current.model_version if current else None,
+                        current.gguf_sha256 if current else None)
 
 
-def _set_registry_alias(settings: MLflowSettings, alias: str, version: str | None) -> None:
+def _set_registry_alias(settings: MLflowSettings, alias: str, version: str | None, gguf_sha256: str | None = None) -> None:
     """The registry alias `<env>` follows what the environment serves. A bundle imported into a store whose registry
-    lacks its version (a closed network) leaves the alias alone: there is nothing there to point at."""
-    from registry.promote import _client, version_exists
+    lacks its version (a closed network) leaves the alias alone: there is nothing there to point at; so does one
+    whose version number this registry gave to another model (its `gguf_sha256` tag names another GGUF)."""
+    from registry.promote import _client, version_exists, version_tags
 
     client = _client(settings)
     if version is not None and not version_exists(settings, version):
         log.info("registry: %s has no version %s; alias %s not moved", settings.registered_model_name, version, alias)
+        return
+    if version is not None and gguf_sha256 is not None and \
+            version_tags(settings, version).get("gguf_sha256", gguf_sha256) != gguf_sha256:
+        log.warning("registry: %s version %s here is another model than the release's (gguf_sha256 differs); alias "
+                    "%s not moved", settings.registered_model_name, version, alias)
         return
     if version is None:
         with contextlib.suppress(Exception):

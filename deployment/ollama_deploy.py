@@ -195,13 +195,19 @@ def delete_tag(host: str, tag: str) -> bool:
 def set_env_tags(host: str, name: str, env: str, current: str | None, previous: str | None, timeout_s: float = 60.0) -> None:
     """Make `<name>:<env>` a copy of release tag `current` and `<name>:<env>-previous` one of `previous` (a
     None deletes the tag), then unload the env tag so the next request loads what it now names. Idempotent:
-    every switch, rollback and reconcile goes through here."""
+    every switch, rollback and reconcile goes through here. A tag that cannot be deleted (other than one that is
+    not there) raises, as a failed copy does: `<name>:<env>` left naming the old model while the alias names the
+    new release would be a switch only half made, so the caller's undo or the next reconcile has to see it."""
     import ollama
 
     client = ollama.Client(host=host, timeout=timeout_s)
     for dest, src in ((f"{name}:{env}-previous", previous), (f"{name}:{env}", current)):
         if src is None:
-            delete_tag(host, dest)
+            try:
+                client.delete(dest)
+            except ollama.ResponseError as e:
+                if e.status_code != 404:
+                    raise
         else:
             client.copy(src, dest)
     if current is not None:

@@ -184,6 +184,13 @@ def _abort(cfg: DeployConfig, settings: MLflowSettings, ledger: CanaryLedger, st
 
 def _promote(cfg: DeployConfig, settings: MLflowSettings, ledger: CanaryLedger, state: CanaryState, actor: str,
              reason: str, gguf_for=None) -> dict:
+    """Switch the environment to the canary's release, unless the environment no longer serves the release the
+    canary was compared with (someone deployed or rolled back while it was paused): then the comparison does not
+    hold, and the canary is aborted instead."""
+    current, _ = ReleaseLedger(settings).serving(state.env)
+    if current != state.stable_release:
+        return _abort(cfg, settings, ledger, state, actor, f"{state.env} was switched to {current} while the canary "
+                                                           f"ran; its comparison no longer holds, so it is not promoted")
     try:
         switch_release(cfg, settings, state.env, state.release_id, actor,
                        f"canary {state.canary_id} promoted: {reason}", gguf_for=gguf_for)

@@ -28,11 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.routing import Match
 
-from serving.catalog import UnknownModel
+from serving.catalog import RegistryUnavailable, UnknownModel
 from serving.keys import Principal
 from serving.providers import AllProvidersFailed, ProviderError
 from serving.feedback import AlreadyRated, UnknownTrace
-from serving.service import ChatInput, FeedbackOff, ImagesRefused, NotReleased, Service
+from serving.service import ChatInput, FeedbackOff, ImagesRefused, NotReleased, Service, TracingUnavailable
 
 log = logging.getLogger("erpops.serving")
 
@@ -275,6 +275,11 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(ImagesRefused)
     async def images_refused(request: Request, exc: ImagesRefused):
         return fail(409, str(exc))
+
+    @app.exception_handler(RegistryUnavailable)
+    @app.exception_handler(TracingUnavailable)
+    async def unavailable(request: Request, exc: Exception):
+        return fail(503, str(exc))
 
     @app.exception_handler(ProviderError)
     async def provider_failed(request: Request, exc: ProviderError):

@@ -15,6 +15,10 @@ from deployment.releases import Release, ReleaseEvent, ReleaseLedger, env_stack,
 from erpops.config import DeployConfig, MLflowSettings
 
 
+class RegistryUnavailable(Exception):
+    """The model registry did not answer (the API's 503): no version can be told known or unknown."""
+
+
 class UnknownModel(LookupError):
     """No registered version or environment of that id."""
 
@@ -36,6 +40,8 @@ class ModelRef:
     Ollama tag and collection alias may already be the next release's."""
     ledger_events: int = 0
     """For an environment id: how many ledger events it had when this ref was read (every switch adds some)."""
+    embedding_model: str | None = None
+    """Embedder of the release's knowledge base (its questions must be embedded with it); None: no release."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,7 +70,7 @@ def resolve(model_id: str, cfg: DeployConfig, releases: list[Release], events: l
         version = _version_of(current, by_id)
         return ModelRef(model_id, version, f"{cfg.ollama_model}:{model_id}" if current else None, current,
                         {model_id: "current"} if current else {}, pending_switch(events, model_id) is not None,
-                        sum(e.env == model_id for e in events))
+                        sum(e.env == model_id for e in events), _embedder_of(current, by_id))
     m = re.fullmatch(r"v?(\d+)", model_id.strip())
     if not m or m.group(1) not in versions:
         known = ", ".join(f"v{v}" for v in sorted(versions, key=int)) or "none registered"
@@ -80,11 +86,18 @@ def resolve(model_id: str, cfg: DeployConfig, releases: list[Release], events: l
     serving_in = [e for e, role in envs.items() if role == "current"]
     if serving_in:
         env = prefer_env if prefer_env in serving_in else serving_in[0]
-        return ModelRef(f"v{version}", version, f"{cfg.ollama_model}:{env}", roles[env][0], envs)
+        return ModelRef(f"v{version}", version, f"{cfg.ollama_model}:{env}", roles[env][0], envs,
+                        embedding_model=_embedder_of(roles[env][0], by_id))
     own = [r for r in releases if r.model_version == version]
     newest = max(own, key=lambda r: r.release_id) if own else None
     return ModelRef(f"v{version}", version, newest.ollama_tag if newest else None,
-                    newest.release_id if newest else None, envs)
+                    newest.release_id if newest else None, envs,
+                    embedding_model=newest.embedding_model if newest else None)
+
+
+def _embedder_of(release_id: str | None, by_id: dict) -> str | None:
+    release = by_id.get(release_id) if release_id else None
+    return release.embedding_model if release else None
 
 
 @dataclass
@@ -104,15 +117,18 @@ class Catalog:
         return registry_state(self.settings)
 
     def version_numbers(self) -> set[str]:
-        """The registered model's version numbers (one registry query; no run metrics)."""
+        """The registered model's version numbers (one registry query; no run metrics); none for a model not
+        registered yet. A registry that does not answer raises (the API's 503), so that a version that exists is
+        never called unknown."""
         import mlflow
         from mlflow.exceptions import MlflowException
 
         client = mlflow.MlflowClient(tracking_uri=self.settings.tracking_uri, registry_uri=self.settings.tracking_uri)
         try:
-            return {str(mv.version) for mv in client.search_model_versions(f"name='{self.settings.registered_model_name}'")}
-        except MlflowException:
-            return set()
+            found = client.search_model_versions(f"name='{self.settings.registered_model_name}'")
+        except MlflowException as e:
+            raise RegistryUnavailable(f"the model registry did not answer ({e.error_code}); try again") from e
+        return {str(mv.version) for mv in found}
 
     def resolve(self, model_id: str, prefer_env: str | None = None) -> ModelRef:
         """The ref of a model id; an environment needs only the ledger (the chat resolves one per question)."""

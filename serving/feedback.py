@@ -107,19 +107,22 @@ def record_feedback(trace_id: str, experiment_id: str, verdict: str, actor: str,
     rated = any(a.name == VERDICT and a.source.source_id == actor for a in trace.info.assessments)
     if rated or not _claim(trace_id, actor):
         raise AlreadyRated(f"{actor} already rated the answer of trace {trace_id}")
+    # the correction first: the verdict is what makes a retry "already rated", so a verdict written without the
+    # correction that came with it would lose the correction for good (an earlier try that wrote the correction
+    # and failed on the verdict has its correction kept, not written twice)
+    earlier = next((a for a in trace.info.assessments if a.name == CORRECTION and a.source.source_id == actor), None)
     try:
+        corrected = (earlier or mlflow.log_expectation(trace_id=trace_id, name=CORRECTION, value=correction,
+                                                       source=_source(actor))) if correction else None
         fb = mlflow.log_feedback(trace_id=trace_id, name=VERDICT, value=verdict == "up", source=_source(actor),
                                  rationale=comment or None)
     except BaseException:
         _unclaim(trace_id, actor)
         raise
     tags = trace.info.tags or {}
-    out = {"trace_id": trace_id, "verdict": verdict, "feedback_id": fb.assessment_id, "correction_id": None,
-           "env": tags.get("env"), "version": tags.get("model_version")}
-    if correction:
-        ex = mlflow.log_expectation(trace_id=trace_id, name=CORRECTION, value=correction, source=_source(actor))
-        out["correction_id"] = ex.assessment_id
-    return out
+    return {"trace_id": trace_id, "verdict": verdict, "feedback_id": fb.assessment_id,
+            "correction_id": corrected.assessment_id if corrected else None,
+            "env": tags.get("env"), "version": tags.get("model_version")}
 
 
 def parse_since(since: str | None, now: datetime | None = None) -> datetime | None:

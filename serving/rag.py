@@ -26,34 +26,50 @@ class Source:
 
 
 class Retriever:
+    """Searches a collection with the embedder it was built with: each release records its own
+    (`Release.embedding_model`), which a rollback or a canary across an embedder change brings back; `embedding_model`
+    here is the recipe's, for a question whose release does not say. Embedders are loaded once each."""
+
     def __init__(self, uri: str, alias: str, embedding_model: str, k: int = 5, threshold: float | None = None):
         self.uri, self.alias, self.embedding_model, self.k = uri, alias, embedding_model, k
-        self.threshold = embedder_threshold(embedding_model, threshold)
-        self._embedder = None
+        self.configured_threshold = threshold
+        self._embedders: dict[str, object] = {}
         self._lock = threading.Lock()
 
-    def embedder(self):
+    @property
+    def threshold(self) -> float:
+        """The recipe embedder's threshold."""
+        return self.threshold_for(self.embedding_model)
+
+    def threshold_for(self, embedding_model: str) -> float:
+        return embedder_threshold(embedding_model, self.configured_threshold)
+
+    def embedder(self, embedding_model: str | None = None):
+        name = embedding_model or self.embedding_model
         with self._lock:
-            if self._embedder is None:
-                self._embedder = load_embedder(self.embedding_model)
-            return self._embedder
+            if name not in self._embedders:
+                self._embedders[name] = load_embedder(name)
+            return self._embedders[name]
 
     def collection(self) -> str | None:
         """The collection the alias points at now (None: nothing released to this environment yet)."""
         with open_milvus(self.uri) as client:
             return alias_target(client, self.alias)
 
-    def retrieve(self, question: str, collection: str | None = None) -> tuple[list[Source], float | None]:
+    def retrieve(self, question: str, collection: str | None = None,
+                 embedding_model: str | None = None) -> tuple[list[Source], float | None]:
         """Chunks scoring at least the threshold, best first, and the best score seen (None: no collection).
-        `collection`: search that collection (a canary release's) instead of the environment's alias."""
-        embedder = self.embedder()
+        `collection`: search that collection (a canary release's) instead of the environment's alias;
+        `embedding_model`: the embedder that collection was built with (None: the recipe's)."""
+        name = embedding_model or self.embedding_model
+        embedder, threshold = self.embedder(name), self.threshold_for(name)
         with open_milvus(self.uri) as client:
             if collection is None and alias_target(client, self.alias) is None:
                 return [], None
             hits = search(client, collection or self.alias, embedder, question, limit=self.k,
                           fields=("doc", "title", "text"))
         top = max((h["score"] for h in hits), default=None)
-        return [Source(h["doc"], h["title"], h["score"], h.get("text", "")) for h in hits if h["score"] >= self.threshold], top
+        return [Source(h["doc"], h["title"], h["score"], h.get("text", "")) for h in hits if h["score"] >= threshold], top
 
 
 def build_messages(system: str, history: list[dict], question: str, sources: list[Source],

@@ -128,10 +128,18 @@ class Service:
             self._analyzer.start()
 
     def close(self) -> None:
-        """Stop the canary analysis thread (the app's shutdown; tests)."""
+        """The app's shutdown (and tests'): stop the canary analysis thread, let the batcher send what waits, and
+        close the providers' HTTP clients and the Redis connections."""
         self._stop.set()
         if self._analyzer is not None:
             self._analyzer.join(timeout=10)
+        if self.batcher is not None:
+            self.batcher.close()
+        self.router.close()
+        for store in (self.context, self.cache, self.calls):
+            client = getattr(store, "client", None) or getattr(store, "r", None)
+            if client is not None and callable(getattr(client, "close", None)):
+                client.close()
 
     @classmethod
     def from_settings(cls, settings: ServeSettings, deploy: DeployConfig | None = None,
@@ -247,7 +255,8 @@ class Service:
         if route(session, state.weight) == "stable":
             return ref, Arm(state.canary_id, "stable", ref)
         r = self._release(state.release_id)
-        return (ModelRef(self.settings.env, r.model_version, r.ollama_tag, r.release_id, {}),
+        return (ModelRef(self.settings.env, r.model_version, r.ollama_tag, r.release_id, {},
+                         embedding_model=r.embedding_model),
                 Arm(state.canary_id, "canary", ref, r.collection))
 
     def _record(self, arm: Arm | None, question: str, reply: Reply | None, seconds: float) -> None:
@@ -278,8 +287,11 @@ class Service:
         """The distinct questions of a canary's traffic (both arms), newest first, from the chat traces in MLflow."""
         import mlflow
 
-        if not self.tracer.enabled or self.tracer.experiment_id is None:
+        if not self.tracer.enabled:
             raise ValueError("tracing is off (serve with trace: true): there is no logged traffic to compare on")
+        if not self.tracer.available:
+            raise TracingUnavailable(f"the MLflow tracking server at {self.tracer.tracking_uri} does not answer: the "
+                                     f"logged traffic cannot be read now; try again")
         traces = mlflow.search_traces(locations=[self.tracer.experiment_id], filter_string=f"tag.canary = '{canary_id}'",
                                       max_results=limit, order_by=["timestamp_ms DESC"], return_type="list", flush=True)
         questions = []
@@ -308,7 +320,8 @@ class Service:
         arms = {}
         for name, release_id in (("A", state.stable_release), ("B", state.release_id)):
             r = self._release(release_id)
-            arms[name] = (ModelRef(self.settings.env, r.model_version, r.ollama_tag, r.release_id, {}), r.collection)
+            arms[name] = (ModelRef(self.settings.env, r.model_version, r.ollama_tag, r.release_id, {},
+                                   embedding_model=r.embedding_model), r.collection)
         language = load_metric("language_agreement")
 
         def rows(ref: ModelRef, collection: str) -> list[dict]:
@@ -316,7 +329,7 @@ class Service:
 
             def one(item):
                 i, q = item
-                sources, _ = self.retriever.retrieve(q, collection)
+                sources, _ = self.retriever.retrieve(q, collection, ref.embedding_model)
                 reply = self.generate_batched(ref, build_messages(self.settings.system_prompt, [], q, sources), {})
                 problems = answer_problems(detect_language(q) or "", reply.text, reply.latency_s, float("inf"),
                                            TEMPLATE_TOKENS)
@@ -459,7 +472,7 @@ class Service:
         collection = arm.collection if arm else None
         try:
             try:
-                sources, top = self.retriever.retrieve(req.message, collection)
+                sources, top = self.retriever.retrieve(req.message, collection, ref.embedding_model)
             except Exception:
                 if arm is None or arm.name != "canary":
                     raise
@@ -468,7 +481,7 @@ class Service:
                             collection)
                 self._record(arm, req.message, None, 0.0)
                 ref, arm, collection = arm.stable, None, None
-                sources, top = self.retriever.retrieve(req.message)
+                sources, top = self.retriever.retrieve(req.message, None, ref.embedding_model)
         except Exception as e:
             self.tracer.end(span, error=type(e).__name__)
             self.tracer.end(root, error=type(e).__name__)
@@ -562,8 +575,11 @@ class Service:
         return self._finish_chat(ref, arm, session, root, req, sources, reply)
 
     def chat_stream(self, req: ChatInput) -> Iterator[dict]:
-        """NDJSON events: `start` (session, sources, trace id), `delta` (text) ..., then `done` (the whole answer,
-        tokens, latency) or `error` (a failure after the stream began; HTTP already said 200)."""
+        """NDJSON events: `start` (session, sources, trace id, the release and canary arm answering), `delta`
+        (text) ..., then `done` (the whole answer, tokens, latency) or `error` (a failure after the stream began;
+        HTTP already said 200). `start` comes with the first piece of the answer: a canary release that fails before
+        it is recorded as failed and the stable release answers, as in `_answer` (the user never sees the canary's
+        fault); one that fails after its first piece is an `error`, since what was sent cannot be taken back."""
         ref, arm, session, root, sources, messages, _ = self._prepare_chat(req)
         try:
             self._check_images(ref, req)
@@ -574,30 +590,48 @@ class Service:
         gen = self.tracer.child(root, "generation", "LLM", {"messages": len(messages)}, {"tag": tag, "stream": True})
 
         def events() -> Iterator[dict]:
-            ended = False
+            ended, started = False, False
+            answering, side, asked = ref, arm, tag
+
+            def start() -> dict:
+                return {"type": "start", "session_id": session, "sources": [s.public() for s in sources],
+                        "trace_id": trace_id(root), "env": self.settings.env, "version": answering.version,
+                        "release": answering.release_id, "arm": side and side.name}
             try:
-                yield {"type": "start", "session_id": session, "sources": [s.public() for s in sources],
-                       "trace_id": trace_id(root), "env": self.settings.env, "version": ref.version,
-                       "release": ref.release_id, "arm": arm and arm.name}
-                t0 = time.perf_counter()
-                try:
-                    for piece in self.router.stream(tag, messages, self._options(req.parameters)):
-                        if isinstance(piece, str):
-                            yield {"type": "delta", "text": piece}
-                        else:
-                            reply = piece
-                except ProviderError as e:
-                    self._observe(ref, None, time.perf_counter() - t0, True, _ids(ref))
-                    self._record(arm, req.message, None, time.perf_counter() - t0)
-                    self.tracer.end(gen, error=type(e).__name__)
-                    self.tracer.end(root, error=type(e).__name__)
-                    ended = True
-                    yield {"type": "error", "detail": public_error(e)}
-                    return
-                self._observe(ref, reply, reply.latency_s, False, _ids(ref))
-                self._record(arm, req.message, reply, reply.latency_s)
+                while True:
+                    t0 = time.perf_counter()
+                    try:
+                        for piece in self.router.stream(asked, messages, self._options(req.parameters)):
+                            if not started:
+                                started = True
+                                yield start()
+                            if isinstance(piece, str):
+                                yield {"type": "delta", "text": piece}
+                            else:
+                                reply = piece
+                        break
+                    except ProviderError as e:
+                        self._observe(answering, None, time.perf_counter() - t0, True, _ids(answering))
+                        self._record(side, req.message, None, time.perf_counter() - t0)
+                        if not started and side is not None and side.name == "canary":
+                            log.warning("canary %s: %s failed to answer; asked the stable release", side.canary_id,
+                                        asked)
+                            answering, side = side.stable, None
+                            asked = self._tag(answering)
+                            continue
+                        self.tracer.end(gen, error=type(e).__name__)
+                        self.tracer.end(root, error=type(e).__name__)
+                        ended = True
+                        if not started:
+                            yield start()
+                        yield {"type": "error", "detail": public_error(e)}
+                        return
+                if not started:
+                    yield start()
+                self._observe(answering, reply, reply.latency_s, False, _ids(answering))
+                self._record(side, req.message, reply, reply.latency_s)
                 self.tracer.end(gen, {"answer": reply.text}, _usage(reply))
-                out = self._finish_chat(ref, arm, session, root, req, sources, reply)
+                out = self._finish_chat(answering, side, session, root, req, sources, reply)
                 ended = True
                 yield {"type": "done", "answer": out.answer, "latency_s": out.latency_s, "provider": out.provider,
                        "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}
@@ -613,8 +647,11 @@ class Service:
         """A user's verdict (and corrected answer) on a chat answer, on its MLflow trace (serving.feedback)."""
         from serving.feedback import record_feedback
 
-        if not self.tracer.enabled or self.tracer.experiment_id is None:
+        if not self.tracer.enabled:
             raise FeedbackOff("tracing is off (serve with trace: true): answers have no trace to rate")
+        if not self.tracer.available:
+            raise TracingUnavailable(f"the MLflow tracking server at {self.tracer.tracking_uri} does not answer: the "
+                                     f"verdict cannot be recorded now; try again")
         out = record_feedback(trace_id, self.tracer.experiment_id, verdict, actor, correction, comment)
         self.metrics.feedback.labels(env=out["env"] or self.settings.env, version=out["version"] or "none",
                                      verdict=verdict).inc()
@@ -660,6 +697,9 @@ class Service:
                                         "detail": collection or f"alias {self.retriever.alias} points nowhere yet"}
         except Exception as e:
             checks["knowledge_base"] = {"ok": False, "required": False, "detail": type(e).__name__}
+        if self.tracer.enabled:  # answers go on untraced while it fails: feedback and A/B comparison wait for it
+            checks["tracing"] = {"ok": self.tracer.available, "required": False,
+                                 "detail": self.tracer.experiment_id or f"{self.tracer.tracking_uri} does not answer"}
         return checks
 
 
@@ -669,6 +709,10 @@ class ImagesRefused(ValueError):
 
 class FeedbackOff(RuntimeError):
     """Feedback asked of a service that does not trace its answers."""
+
+
+class TracingUnavailable(RuntimeError):
+    """Tracing is on, but the MLflow tracking server does not answer now (the API's 503)."""
 
 
 def _ids(ref: ModelRef) -> tuple[str, ...]:

@@ -323,6 +323,9 @@ class _Handler(DoubleHandler):
         if not raw:
             return self._send_error(400, "model is required")
         with d.lock:
+            if d.delete_failures > 0:
+                d.delete_failures -= 1
+                return self._send_error(500, "injected: the model store could not be written")
             if d.models.pop(normalize_name(raw), None) is None:
                 return self._send_error(404, f"model '{raw}' not found")
             d.loaded.discard(normalize_name(raw))
@@ -349,6 +352,7 @@ class OllamaDouble(HTTPDouble):
       blob_delay_s    seconds an upload waits before it is stored (a client timeout shorter than it fails)
       generate_delay_s seconds every answering /api/generate waits (a slow model)
       errors          {"name:tag": message}: per-model generate_error (a release that fails in service)
+      delete_failures how many of the next /api/delete calls fail with HTTP 500 (a server that cannot write)
       delays          {"name:tag": seconds}: per-model generate_delay_s (a release that answers slowly)
       unloaded        names a keep_alive=0 request without a prompt unloaded, in order
       loaded_log      names a request without a prompt loaded, in order
@@ -366,6 +370,7 @@ class OllamaDouble(HTTPDouble):
         self.blob_delay_s = 0.0
         self.generate_delay_s = 0.0
         self.errors: dict[str, str] = {}
+        self.delete_failures = 0
         self.delays: dict[str, float] = {}
         self.unloaded: list[str] = []
         self.loaded_log: list[str] = []

@@ -142,6 +142,31 @@ def test_a_faulty_canary_is_rolled_back_within_its_window(world, fault, says):
     assert {a["arm"] for a in [_chat(w) for _ in range(5)]} == {None}
 
 
+def test_a_streamed_answer_the_canary_fails_to_begin_comes_from_the_stable_release(world):
+    import json
+
+    w = world
+    stable = _serving(w)
+    state = _start(w)
+    tag = ReleaseLedger(w.mlflow).release(state.release_id).ollama_tag
+    w.double.errors[tag] = "CUDA error: out of memory"
+    try:
+        streams = []
+        while len(w.service.calls.calls(state.canary_id, "canary", 0.0)) < POLICY.min_requests and len(streams) < 200:
+            with w.client.stream("POST", "/api/v1/chat", headers=w.auth("viewer"),
+                                 json={"message": QUESTION, "session_id": uuid.uuid4().hex, "stream": True}) as r:
+                streams.append([json.loads(line) for line in r.iter_lines() if line])
+        assert all(not c.ok for c in w.service.calls.calls(state.canary_id, "canary", 0.0))
+        assert all(s[0]["type"] == "start" and s[-1]["type"] == "done" for s in streams)
+        assert {(s[0]["release"], s[0]["arm"]) for s in streams} <= {(stable[0], None), (stable[0], "stable")}
+        out = w.service.canary_tick()  # the failures were recorded against the canary
+    finally:
+        w.double.errors.pop(tag, None)
+        if w.service.canary().active:  # a failed assertion above must not leave the next test a running canary
+            w.client.post("/api/v1/environments/staging/canary/abort", json={}, headers=w.auth("admin"))
+    assert out["action"] == "abort" and "error rate" in w.service.canary().reason
+
+
 def test_too_little_traffic_pauses_for_a_human_who_promotes_or_aborts(world):
     w = world
     state = _start(w)
@@ -196,6 +221,20 @@ def test_a_canary_of_a_release_no_longer_serving_is_aborted(world):
     out = w.service.canary_tick()
     assert out["action"] == "abort" and out["state"].canary_id == state.canary_id
     assert "was switched" in w.service.canary().reason
+
+
+def test_a_paused_canary_is_not_promoted_over_a_release_deployed_since(world):
+    """Paused for too little traffic; meanwhile someone rolls the environment back. A human's promote would switch
+    to a release compared with one that no longer serves: the canary is aborted instead, the rollback stands."""
+    w = world
+    state = _start(w)
+    w.service.canary_tick(_window_over(state))
+    assert w.service.canary().status == "paused"
+    rollback_env(w.cfg, w.mlflow, "staging", "tester", "someone rolled back")
+    after_rollback = _serving(w)
+    with pytest.raises(CanaryError, match="was switched"):
+        promote_canary(w.cfg, w.mlflow, "staging", "tester", "looked fine", full=True)
+    assert w.service.canary().status == "aborted" and _serving(w) == after_rollback
 
 
 def test_a_canary_started_with_no_ollama_answering_says_where_its_bundle_is(world):

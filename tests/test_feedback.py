@@ -58,6 +58,52 @@ def test_a_verdict_lands_on_the_answers_trace_once_per_key(world):
     assert 'erpops_feedback_total{env="staging",verdict="down",version="2"} 1.0' in w.client.get("/metrics").text
 
 
+def test_a_correction_survives_a_verdict_that_failed_to_be_written(world, monkeypatch):
+    """The verdict is what makes a retry "already rated": written first and the correction failing after it, the
+    correction could never be sent again. The correction goes first, and a retry does not write it twice."""
+    import mlflow
+
+    from serving.feedback import record_feedback
+
+    w = world
+    answer = _chat(w)
+    real = mlflow.log_feedback
+    calls = []
+
+    def fails_once(**kw):
+        calls.append(kw["name"])
+        if len(calls) == 1:
+            raise ConnectionError("injected: the tracking server went away")
+        return real(**kw)
+
+    monkeypatch.setattr(mlflow, "log_feedback", fails_once)
+    exp = w.service.tracer.experiment_id
+    with pytest.raises(ConnectionError):
+        record_feedback(answer["trace_id"], exp, "down", "retry-user", "재고 이동은 MIGO에서 등록합니다.")
+    out = record_feedback(answer["trace_id"], exp, "down", "retry-user", "재고 이동은 MIGO에서 등록합니다.")
+    assert out["correction_id"] and calls == ["user_verdict", "user_verdict"]
+    mine = [a for a in mlflow.get_trace(answer["trace_id"]).info.assessments if a.source.source_id == "retry-user"]
+    assert sorted(a.name for a in mine) == ["expected_response", "user_verdict"]
+
+
+def test_tracing_comes_back_when_the_tracking_store_does(tmp_path):
+    """A tracking store that does not answer when the service starts (or fails for a while) leaves chats untraced,
+    not tracing off for the life of the process: the next look after RETRY_S finds it."""
+    from serving.tracing import Tracer, trace_id
+
+    store = tmp_path / "not-yet"
+    store.write_text("a file where the store's folder should be: the store cannot open")
+    tracer = Tracer(f"sqlite:///{store}/mlflow.db", "chats")
+    assert tracer.enabled and not tracer.available and tracer.start("chat", {}, {}, None) is None
+    store.unlink()
+    assert not tracer.available  # not looked for again before RETRY_S
+    tracer._next_look = 0.0
+    assert tracer.available and tracer.experiment_id
+    root = tracer.start("chat", {"question": "q"}, {"env": "staging"}, "s-1")
+    assert trace_id(root)
+    tracer.end(root, {"answer": "a"})
+
+
 @pytest.mark.parametrize("trace_id,body,status", [
     ("tr-" + "0" * 32, {"verdict": "up"}, 404),
     ("not-a-trace", {"verdict": "up"}, 404),

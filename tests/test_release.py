@@ -331,6 +331,16 @@ def test_a_bundle_carries_a_release_into_another_store_and_a_corrupted_byte_is_r
         bad = _repack(bundle, tmp_path / "bad.tar.gz", corrupt)
         with pytest.raises(BundleError, match=r"model\.gguf does not match its sha256"):
             D.import_release(site_cfg, site_settings, "prod", bad, "ops", "CAB-1")
+
+        def no_sizes(work: Path):  # a manifest damaged by hand: its files' entries lost their sizes
+            manifest = json.loads((work / "manifest.json").read_text())
+            for entry in manifest["files"].values():
+                del entry["bytes"]
+            (work / "manifest.json").write_text(json.dumps(manifest))
+
+        damaged = _repack(bundle, tmp_path / "damaged.tar.gz", no_sizes)
+        with pytest.raises(BundleError, match=r"manifest\.json is missing or damaged \(KeyError: 'bytes'\)"):
+            D.import_release(site_cfg, site_settings, "prod", damaged, "ops", "CAB-1")
         assert site_ollama.models == {} and site_ollama.blobs == {}  # refused before anything was written
         assert not (site / "kb.db").exists() and ReleaseLedger(site_settings).events() == []
 

