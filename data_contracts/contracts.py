@@ -155,8 +155,10 @@ def check_corpus(cfg: DataConfig, tokenizer=None):
     train = [rules.Located(*where[e["id"]], e) for e in ds.train]
     evals = [rules.Located(*where[e["id"]], e) for e in ds.eval]
     report.violations += rules.duplicate_violations(train, cfg.near_duplicate_threshold)
-    report.violations += rules.leakage_violations([x for x in train if x.example["source"] != "feedback"], evals)
-    report.violations += rules.eval_overlap_violations([x for x in train if x.example["source"] == "feedback"], evals)
+    report.violations += rules.leakage_violations([x for x in train if x.example["source"] != "feedback"], evals,
+                                                  cfg.near_duplicate_threshold)
+    report.violations += rules.eval_overlap_violations([x for x in train if x.example["source"] == "feedback"], evals,
+                                                       cfg.near_duplicate_threshold)
     report.violations += rules.coverage_violations(train, cfg.min_examples_per_module, MODULES, qa_file)
     if tokenizer is not None:
         report.violations += rules.length_violations(train + evals, tokenizer, cfg.max_seq_len)

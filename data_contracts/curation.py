@@ -26,7 +26,7 @@ from pathlib import Path
 
 from data_contracts.contracts import check_corpus
 from data_contracts.report import DataContractError
-from data_contracts.rules import detect_language, near_duplicate_pairs, normalize
+from data_contracts.rules import detect_language, lang_agrees, near_duplicate_pairs, normalize
 from erpops.config import DataConfig
 
 
@@ -55,18 +55,25 @@ class Landed:
 
 
 def candidate_rows(corrections: Sequence[dict], doc_modules: dict[str, str],
-                   exported: set[str]) -> tuple[list[dict], list[Rejected]]:
+                   exported: set[str], lang_min_share: float = 0.5) -> tuple[list[dict], list[Rejected]]:
     """{trace_id, question, correction, sources: [doc, ...]} (newest last) -> qa_pairs rows and refusals. Pure.
-    One row per trace (its newest correction); a trace already in the data is refused."""
+    One row per trace (its newest correction); a trace already in the data is refused. A row's `lang` is the one
+    the corpus contract will hold it to (`lang_min_share` of the question's and the correction's letters in its
+    script), so a question mixing Korean and English ERP terms is labelled as it will be checked."""
     newest = {c["trace_id"]: c for c in corrections if c.get("correction")}
     rows, rejected = [], []
     for trace_id, c in newest.items():
         question, correction = (c.get("question") or "").strip(), c["correction"].strip()
         module = next((doc_modules[d] for d in c.get("sources") or () if d in doc_modules), None)
         lang = detect_language(question)
+        if lang in ("ko", "en") and not lang_agrees(lang, f"{question} {correction}", lang_min_share)[0]:
+            other = "en" if lang == "ko" else "ko"
+            lang = other if lang_agrees(other, f"{question} {correction}", lang_min_share)[0] else "mixed"
         why = ("feedback.exported", f"trace {trace_id} is already in the data") if trace_id in exported else \
             ("feedback.question", "the trace holds no question") if not question else \
             ("feedback.module", "the answer cited no document of the corpus, so its module is unknown") if module is None \
+            else ("feedback.language", f"neither Korean nor English holds {lang_min_share:.0%} of the letters of the "
+                                       f"question and its correction") if lang == "mixed" \
             else ("feedback.language", "the question is in neither Korean nor English") if lang not in ("ko", "en") \
             else None
         if why:
@@ -115,7 +122,7 @@ def land_feedback(cfg: DataConfig, corrections: Sequence[dict], actor: str, toke
     exported = {r.get("trace_id") for r in corpus.feedback}
     doc_modules = {d["file"]: d["module"] for d in corpus.docs if d.get("file")}
     doc_modules.update({Path(f).stem: m for f, m in list(doc_modules.items())})
-    rows, rejected = candidate_rows(corrections, doc_modules, exported)
+    rows, rejected = candidate_rows(corrections, doc_modules, exported, cfg.lang_min_share)
     existing = [m["content"] for e in ds.train for m in e["messages"][:1]]  # eval overlap: the contract's rule
     rows, dups = _dedup(rows, existing, cfg.near_duplicate_threshold)
     rejected += dups

@@ -20,16 +20,23 @@ EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 EMAIL_LOCAL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-")
 EMAIL_DOMAIN = re.compile(r"[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 # Korean resident registration number: YYMMDD-GNNNNNN, G in 1-8 (1-4 citizens, 5-8 foreigners)
-RRN = re.compile(r"(?<!\d)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])[- ]?[1-8]\d{6}(?!\d)")
-# Korean mobile / area-code numbers and international numbers with a leading +
+RRN = re.compile(r"(?<!\d)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])(?: ?- ?| )?[1-8]\d{6}(?!\d)")
+# Korean mobile / area-code numbers (area code in brackets or not, separators with spaces around them) and
+# international numbers with a leading +; not inside a longer run of digits and hyphens ("2024-010-..." is not one)
+_SEP = r"(?: ?[-.] ?| )?"
 PHONE = re.compile(
-    r"(?<![\d-])(?:"
-    r"01[016789][- .]?\d{3,4}[- .]?\d{4}"
-    r"|0(?:2|[3-6][1-5]|70)[- .)]?\d{3,4}[- .]?\d{4}"
+    r"(?<!\d)(?<!\d-)(?:"
+    rf"\(?01[016789]\)?{_SEP}\d{{3,4}}{_SEP}\d{{4}}"
+    rf"|\(?0(?:2|[3-6][1-5]|70)\)?{_SEP}\d{{3,4}}{_SEP}\d{{4}}"
     r"|\+\d{1,3}[- .]?(?:\(?\d{1,4}\)?[- .]?){2,4}\d{2,4}"
-    r")(?![\d-])"
+    r")(?!\d)(?!-\d)"
 )
 CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
+# The same text with full-width digits, dashes and spaces (what a Korean IME types in full-width mode, what word
+# processors turn hyphens into) as ASCII, character for character: the patterns run on it, the spans fit the text
+_ASCII = str.maketrans({**{chr(0xFF10 + d): str(d) for d in range(10)},
+                        **{c: "-" for c in "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\uFE58\uFE63\uFF0D"},
+                        "\u3000": " ", "\u00A0": " ", "\uFF08": "(", "\uFF09": ")", "\uFF0B": "+", "\uFF0E": "."})
 
 PII_KINDS = ("email", "rrn", "card", "phone")
 MASKS = {"email": "[EMAIL]", "rrn": "[RRN]", "card": "[CARD]", "phone": "[PHONE]"}
@@ -65,23 +72,43 @@ def email_spans(text: str) -> Iterator[tuple[int, int]]:
         at = text.find("@", pos if domain else at + 1)
 
 
+def card_span(text: str, s: int, e: int) -> tuple[int, int] | None:
+    """The card number in `text[s:e]` (a run of digits, spaces and hyphens): the whole run when its 13-19 digits
+    pass the Luhn check, else the longest run of whole digit groups inside it that does (a card number with an
+    order number or a year beside it: "4111 1111 1111 1111 12"); None when there is none."""
+    digits = re.sub(r"\D", "", text[s:e])
+    if 13 <= len(digits) <= 19 and luhn_ok(digits):
+        return s, e
+    groups = [(s + m.start(), s + m.end()) for m in re.finditer(r"\d+", text[s:e])]
+    best = None
+    for i in range(len(groups)):
+        n = 0
+        for j in range(i, len(groups)):
+            n += groups[j][1] - groups[j][0]
+            if n > 19:
+                break
+            if n >= 13 and (best is None or groups[j][1] - groups[i][0] > best[1] - best[0]) and \
+                    luhn_ok(re.sub(r"\D", "", text[groups[i][0]:groups[j][1]])):
+                best = (groups[i][0], groups[j][1])
+    return best
+
+
 def find_pii(text: str) -> list[tuple[str, int, int]]:
     """(kind, start, end) of every personal-data match, most specific kinds first, no overlaps. Linear in the
     length of the text and in the number of matches."""
     found: list[tuple[str, int, int]] = []
     taken: list[tuple[int, int]] = []  # spans of the kinds already done: sorted, disjoint
+    text = text.translate(_ASCII)  # same length: the spans are the original text's
     for kind, pattern in (("email", None), ("rrn", RRN), ("card", CARD), ("phone", PHONE)):
         spans = email_spans(text) if pattern is None else (m.span() for m in pattern.finditer(text))
+        if kind == "card":
+            spans = (c for s, e in spans if (c := card_span(text, s, e)) is not None)
         new, j = [], 0
         for s, e in spans:  # in increasing order, disjoint: one pass over `taken` beside them
             while j < len(taken) and taken[j][1] <= s:
                 j += 1
             if j < len(taken) and taken[j][0] < e:
                 continue
-            if kind == "card":
-                digits = re.sub(r"\D", "", text[s:e])
-                if not (13 <= len(digits) <= 19 and luhn_ok(digits)):
-                    continue
             found.append((kind, s, e))
             new.append((s, e))
         taken = sorted(taken + new)
@@ -167,10 +194,12 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
-def near_duplicate_pairs(texts: list[str], threshold: float, max_checks: int = 4) -> list[tuple[int, int, float]]:
+def near_duplicate_pairs(texts: list[str], threshold: float, max_checks: int = 4,
+                         split: int | None = None) -> list[tuple[int, int, float]]:
     """For each text with an earlier near-duplicate, one pair (i, j, similarity), i < j, with
     character-3-gram Jaccard >= threshold. Candidates come from MinHash LSH (they share a band of the
-    signature) and are confirmed exactly. Linear in the number of texts.
+    signature) and are confirmed exactly. Linear in the number of texts. `split`: only pairs across it
+    (i < split <= j: texts of two sets, the first set's before it), for each text of the second set.
 
     32 hashes; for thresholds from 0.8, 8 bands of 4 and candidates must share 2 bands (a pair at
     J=0.85 qualifies with probability ~0.97, one at 0.6 with ~0.28); below 0.8, 16 bands of 2.
@@ -208,10 +237,12 @@ def near_duplicate_pairs(texts: list[str], threshold: float, max_checks: int = 4
             members_of[i].append(key)
     pairs = []
     for j in sorted(members_of):
+        if split is not None and j < split:
+            continue
         shared: Counter = Counter()
         for key in members_of[j]:
             bucket = buckets[key]
-            pos = bisect.bisect_left(bucket, j)
+            pos = bisect.bisect_left(bucket, j if split is None else split)
             shared.update(bucket[max(0, pos - 16):pos])  # the nearest earlier members suffice
         for i, n in shared.most_common(max_checks):
             if n < min_shared:
@@ -259,44 +290,83 @@ def duplicate_violations(train: list[Located], threshold: float) -> list[Violati
     return out
 
 
-def _texts_index(located: list[Located]) -> tuple[dict, dict]:
-    """(normalised first instruction -> example, normalised last answer -> example)."""
-    return ({normalize(first_user_text(x.example)): x for x in located},
-            {normalize(x.example["messages"][-1]["content"]): x for x in located})
+MIN_TURN_CHARS = 16
+"""A turn other than a conversation's first question and last answer counts for leakage from this many characters
+(normalised) on: "네", "감사합니다" and "thanks" recur in unrelated conversations."""
 
 
-def _overlap(example: dict, index: tuple[dict, dict]) -> tuple[str, Located] | None:
+def _turns(example: dict) -> Iterator[tuple[str, str]]:
+    """("instruction" | "answer", normalised text) of every user and assistant turn that counts for leakage: the
+    first question and the last answer always, the turns between from MIN_TURN_CHARS (training puts loss on every
+    assistant turn, and a middle question can be another row's whole question)."""
+    messages = [m for m in example["messages"] if m["role"] in ("user", "assistant")]
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    for i, m in enumerate(messages):
+        key = normalize(m["content"])
+        if key and (i == first_user or i == len(messages) - 1 or len(key) >= MIN_TURN_CHARS):
+            yield ("instruction" if m["role"] == "user" else "answer"), key
+
+
+def _texts_index(located: list[Located]) -> dict[tuple[str, str], Located]:
+    """(kind, normalised turn) -> the first example holding it."""
+    index: dict[tuple[str, str], Located] = {}
+    for x in located:
+        for turn in _turns(x.example):
+            index.setdefault(turn, x)
+    return index
+
+
+def _overlap(example: dict, index: dict[tuple[str, str], Located]) -> tuple[str, Located] | None:
     """("instruction" | "answer", the indexed example it repeats), or None."""
-    for what, by, text in (("instruction", index[0], first_user_text(example)),
-                           ("answer", index[1], example["messages"][-1]["content"])):
-        key = normalize(text)
-        if key and key in by:
-            return what, by[key]
-    return None
+    return next(((turn[0], index[turn]) for turn in _turns(example) if turn in index), None)
 
 
-def leakage_violations(train: list[Located], evals: list[Located]) -> list[Violation]:
-    """An eval example whose instruction or answer also appears in training data is leakage: an error."""
+def _near(first: list[Located], second: list[Located], threshold: float | None) -> dict[int, tuple[Located, float]]:
+    """For each example of `second` whose first question is a near-duplicate of one of `first`'s: (that one,
+    similarity), by position in `second`."""
+    if threshold is None or not first or not second:
+        return {}
+    texts = [first_user_text(x.example) for x in first + second]
+    return {j - len(first): (first[i], sim) for i, j, sim in near_duplicate_pairs(texts, threshold, split=len(first))}
+
+
+def leakage_violations(train: list[Located], evals: list[Located], threshold: float | None = None) -> list[Violation]:
+    """An eval example one of whose questions or answers also appears in training data, or whose question is a
+    near-duplicate (`threshold`, 3-gram Jaccard) of a training question, is leakage: an error."""
     index, out = _texts_index(train), []
-    for e in evals:
+    near = _near(train, evals, threshold)
+    for k, e in enumerate(evals):
         hit = _overlap(e.example, index)
         if hit:
             out.append(Violation("leakage.train_eval", e.file, e.line,
                                  f"eval example {e.example['id']} has the same {hit[0]} as training example "
                                  f"{hit[1].example['id']} ({hit[1].file}:{hit[1].line})"))
+        elif k in near:
+            x, sim = near[k]
+            out.append(Violation("leakage.train_eval", e.file, e.line,
+                                 f"eval example {e.example['id']}'s question is {sim:.0%} similar to training example "
+                                 f"{x.example['id']}'s ({x.file}:{x.line})"))
     return out
 
 
-def eval_overlap_violations(candidates: list[Located], evals: list[Located]) -> list[Violation]:
-    """A training row added from outside the split (curated feedback) whose instruction or answer is an eval
-    example's: an error at the added row (it would leak the eval set into training)."""
+def eval_overlap_violations(candidates: list[Located], evals: list[Located],
+                            threshold: float | None = None) -> list[Violation]:
+    """A training row added from outside the split (curated feedback) one of whose questions or answers is an eval
+    example's, or whose question is a near-duplicate of an eval question: an error at the added row (it would leak
+    the eval set into training)."""
     index, out = _texts_index(evals), []
-    for x in candidates:
+    near = _near(evals, candidates, threshold)
+    for k, x in enumerate(candidates):
         hit = _overlap(x.example, index)
         if hit:
             out.append(Violation("leakage.feedback_eval", x.file, x.line,
                                  f"{x.example['id']} has the same {hit[0]} as eval example {hit[1].example['id']} "
                                  f"({hit[1].file}:{hit[1].line})"))
+        elif k in near:
+            e, sim = near[k]
+            out.append(Violation("leakage.feedback_eval", x.file, x.line,
+                                 f"{x.example['id']}'s question is {sim:.0%} similar to eval example "
+                                 f"{e.example['id']}'s ({e.file}:{e.line})"))
     return out
 
 

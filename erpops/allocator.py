@@ -143,10 +143,17 @@ def keep_freed_memory(env: dict[str, str] | None = None) -> BudgetStats | None:
     """Start `resident_budget` for the rest of the process (once; later calls return None): the budget is
     ERPOPS_RESIDENT_BUDGET_GIB (GiB, default DEFAULT_BUDGET_GIB; 0 keeps jemalloc's own decay)."""
     global _process_budget
+    env = os.environ if env is None else env
+    raw = env.get("ERPOPS_RESIDENT_BUDGET_GIB", str(DEFAULT_BUDGET_GIB))
+    try:
+        gib = float(raw)
+    except ValueError:
+        raise ValueError(f"ERPOPS_RESIDENT_BUDGET_GIB={raw!r} is not a number of GiB (e.g. 3.0; 0 turns the budget "
+                         f"off)") from None
+    if not gib >= 0:
+        raise ValueError(f"ERPOPS_RESIDENT_BUDGET_GIB={raw!r}: the budget cannot be negative (0 turns it off)")
     if _process_budget is not None:
         return None
-    env = os.environ if env is None else env
-    gib = float(env.get("ERPOPS_RESIDENT_BUDGET_GIB", DEFAULT_BUDGET_GIB))
     stack = contextlib.ExitStack()
     stats = stack.enter_context(resident_budget(int(gib * 2**30)))
     if stats is None:

@@ -38,7 +38,10 @@ MlflowOpt = typer.Option(None, "--mlflow-config", help="mlflow.yaml to use (defa
 def _setup():
     from erpops.runtime import configure_logging, setup_process
 
-    setup_process()
+    try:
+        setup_process()
+    except ValueError as e:  # a malformed ERPOPS_* setting
+        _fail(str(e), 2)
     configure_logging()
 
 
@@ -85,7 +88,7 @@ def _latest_run_dir(recipe) -> Path:
     runs = sorted((p for p in recipe.output_root.glob("*") if p.is_dir() and not p.name.startswith(NOT_RUN_FOLDERS)),
                   key=lambda p: p.stat().st_mtime)
     if not runs:
-        _fail(f"no run folder under {recipe.output_root}: run `erpops train` or `erpops run` first")
+        _fail(f"no run folder under {recipe.output_root}: run `erpops train` or `erpops run` first", 2)
     return runs[-1]
 
 
@@ -464,6 +467,7 @@ def canary_start(version: str = typer.Option(..., "--version", help="Registered 
     settings = _settings(mlflow_config)
     env = _canary_env(r, env)
     from deployment.deploy import ReleaseError, registered_bundle
+    from data_contracts.report import DataContractError
     from deployment.rollout import CanaryError, start_canary
     from evaluation.retrieval import read_golden
     from flows.steps import validate_step
@@ -488,6 +492,8 @@ def canary_start(version: str = typer.Option(..., "--version", help="Registered 
         keep = built.ollama_skipped  # the started canary's Ollama half too: its message points at the folder
     except CanaryError as e:
         _fail(str(e), 2)
+    except DataContractError as e:
+        _fail(f"canary of v{version} in {env} not started: the data contracts fail: {e}; {env} unchanged", 2)
     except ReleaseError as e:
         keep = e.outcome.ollama_skipped
         _fail(f"canary of v{version} in {env} not started: {e.stage} failed: {e}; {env} unchanged")
@@ -653,7 +659,8 @@ def ui(mlflow_config: Optional[str] = MlflowOpt, port: int = typer.Option(5000, 
     settings = _settings(mlflow_config)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", settings.tracking_uri,
-           "--default-artifact-root", Path(settings.artifact_location).resolve().as_uri(),
+           "--default-artifact-root", settings.artifact_location if "://" in settings.artifact_location
+           else Path(settings.artifact_location).resolve().as_uri(),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     typer.echo(f"MLflow UI: http://127.0.0.1:{port}  (experiment {settings.experiment_name}, model {settings.registered_model_name})")
     raise typer.Exit(subprocess.call(cmd, env=env))

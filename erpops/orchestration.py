@@ -11,6 +11,7 @@ Nothing here schedules or queues work: schedules, triggers and the work pool are
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -132,18 +133,20 @@ def start_stack(home: Path, tracking_uri: str, artifact_root: str, project_dir: 
     stack = Stack(env={"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": client_uri,
                        "ERPOPS_PROJECT_DIR": env["ERPOPS_PROJECT_DIR"], "PREFECT_HOME": env["PREFECT_HOME"]})
     started: list[subprocess.Popen] = []
+
+    def record(service: Service) -> None:  # on disk at once: an `up` killed while it waits leaves what `down` stops
+        stack.services.append(service)
+        stack.write(stack_file)
     try:
         p, log = _spawn("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                            "--port", str(prefect_port)], env, logs, project_dir)
         started.append(p)
-        stack.services.append(Service("prefect-server", p.pid, f"http://127.0.0.1:{prefect_port}", str(log),
-                                       process_start(p.pid)))
+        record(Service("prefect-server", p.pid, f"http://127.0.0.1:{prefect_port}", str(log), process_start(p.pid)))
         m, mlog = _spawn("mlflow-server", [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
                                            "--default-artifact-root", artifact_root, "--host", "127.0.0.1",
                                            "--port", str(mlflow_port), "--workers", "1"], env, logs, project_dir)
         started.append(m)
-        stack.services.append(Service("mlflow-server", m.pid, f"http://127.0.0.1:{mlflow_port}", str(mlog),
-                                       process_start(m.pid)))
+        record(Service("mlflow-server", m.pid, f"http://127.0.0.1:{mlflow_port}", str(mlog), process_start(m.pid)))
         if milvus_port is not None:
             milvus_port = free_port(milvus_port)
             mv, mvlog = _spawn("milvus-server", [str(Path(sys.executable).with_name("milvus-lite")), "server", "--data-dir",
@@ -151,8 +154,8 @@ def start_stack(home: Path, tracking_uri: str, artifact_root: str, project_dir: 
                                                  "--port", str(milvus_port)], env, logs, project_dir)
             started.append(mv)
             uri = f"http://127.0.0.1:{milvus_port}"
-            stack.services.append(Service("milvus-server", mv.pid, uri, str(mvlog), process_start(mv.pid)))
             stack.env["ERPOPS_MILVUS_URI"] = uri
+            record(Service("milvus-server", mv.pid, uri, str(mvlog), process_start(mv.pid)))
             wait_tcp("127.0.0.1", milvus_port, timeout, mv, mvlog)
         wait_http(f"{api}/health", timeout, p, log)
         wait_http(f"http://127.0.0.1:{mlflow_port}/health", timeout, m, mlog)
@@ -164,13 +167,13 @@ def start_stack(home: Path, tracking_uri: str, artifact_root: str, project_dir: 
             w, wlog = _spawn("prefect-worker", [sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL,
                                                 "--type", "process"], worker_env, logs, project_dir)
             started.append(w)
-            stack.services.append(Service("prefect-worker", w.pid, WORK_POOL, str(wlog), process_start(w.pid)))
+            record(Service("prefect-worker", w.pid, WORK_POOL, str(wlog), process_start(w.pid)))
             wait_pool(api, WORK_POOL, timeout, w, wlog)
     except BaseException:
         for proc in started:
             _stop(proc.pid)
+        stack_file.unlink(missing_ok=True)
         raise
-    stack.write(stack_file)
     return stack
 
 
@@ -243,21 +246,42 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs. From /proc where there is one, so that a zombie (exited, not
+    yet reaped by whatever adopted it; a container's pid 1 may never) does not count; else by signal 0."""
+    proc = Path("/proc")
+    if proc.is_dir():
+        for stat in proc.glob("[0-9]*/stat"):
+            try:
+                state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, IndexError, ValueError):
+                continue
+            if int(pgrp) == pgid and state not in "ZX":
+                return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _stop(pid: int, timeout: float = 30.0) -> bool:
-    """SIGTERM to the process group `pid` leads, SIGKILL after `timeout`; False when no such group was there."""
+    """SIGTERM to the process group `pid` leads, SIGKILL after `timeout`; False when no such group was there. Done
+    when the whole group is gone, not only its leader: `mlflow server`'s uvicorn and a process worker's flow runs
+    are children in the group, and one slow to stop (or deaf to SIGTERM) gets the SIGKILL."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except OSError:
         return False
     deadline = time.time() + timeout
     while time.time() < deadline:
-        try:
-            finished, _ = os.waitpid(pid, os.WNOHANG)
-            if finished:
-                return True
-        except ChildProcessError:  # not our child (another `erpops` started it): poll instead
-            if not _alive(pid):
-                return True
+        with contextlib.suppress(ChildProcessError):  # our child: reaped, so that no zombie keeps the group
+            os.waitpid(pid, os.WNOHANG)
+        if not _group_alive(pid):
+            return True
         time.sleep(0.2)
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -279,6 +303,38 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
+    return out
+
+
+def _json_types(value: Any) -> set[str]:
+    if value is None:
+        return {"null"}
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, int):
+        return {"integer", "number"}
+    return {float: {"number"}, str: {"string"}, list: {"array"}, dict: {"object"}}.get(type(value), set())
+
+
+def _accepted_types(schema: dict) -> set[str]:
+    types = schema.get("type")
+    out = set(types) if isinstance(types, list) else {types} if types else set()
+    for key in ("anyOf", "oneOf"):
+        for option in schema.get(key) or ():
+            out |= _accepted_types(option)
+    return out
+
+
+def fit_params(parameters: dict[str, Any], schema: dict | None) -> dict[str, Any]:
+    """`parse_params`' values as the deployment's parameter schema takes them: a value read as JSON (`3`, `true`)
+    for a parameter that takes a string but not that type goes back to its text (`version=3` is the string "3" for
+    `version: str | None`). Pure."""
+    props = (schema or {}).get("properties") or {}
+    out = dict(parameters)
+    for key, value in parameters.items():
+        accepted = _accepted_types(props.get(key) or {})
+        if accepted and "string" in accepted and not (_json_types(value) & accepted) and not isinstance(value, str):
+            out[key] = json.dumps(value, ensure_ascii=False)
     return out
 
 
@@ -309,7 +365,7 @@ def trigger(deployment: str, parameters: dict[str, Any], watch: bool, timeout: f
     final after `timeout` seconds is cancelled (a late start would surprise whoever reads the exit code), and
     the message says whether a worker ever picked it up."""
     from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
     from prefect.settings import PREFECT_API_URL
 
     api = PREFECT_API_URL.value()
@@ -327,7 +383,13 @@ def trigger(deployment: str, parameters: dict[str, Any], watch: bool, timeout: f
             known = sorted(f"{flows.get(d.flow_id, '?')}/{d.name}" for d in client.read_deployments())
             raise OrchestrationError(f"unknown deployment {deployment!r} (flow-name/deployment-name); "
                                      f"deployments on {api}: {known or 'none (run `prefect deploy --all`)'}") from None
-        run = client.create_flow_run_from_deployment(dep.id, parameters=parameters, tags=["erpops-trigger"])
+        try:
+            run = client.create_flow_run_from_deployment(dep.id, parameters=fit_params(parameters,
+                                                                                       dep.parameter_openapi_schema),
+                                                         tags=["erpops-trigger"])
+        except PrefectHTTPStatusError as e:  # parameters the deployment refuses (its schema), and the like
+            raise OrchestrationError(f"{deployment}: the server refused the run (HTTP {e.response.status_code}): "
+                                     f"{e.response.text[:1000]}") from None
         if not watch:
             return TriggerResult(deployment, str(run.id), run.state.type.value if run.state else "SCHEDULED",
                                  "created", None)

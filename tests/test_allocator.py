@@ -52,6 +52,14 @@ print("PROBE " + json.dumps(out))
 """
 
 
+@pytest.mark.parametrize("value, says", [("3GB", "not a number of GiB"), ("-1", "cannot be negative")])
+def test_a_malformed_budget_setting_is_a_clear_error(value, says):
+    from erpops.allocator import keep_freed_memory
+
+    with pytest.raises(ValueError, match=f"ERPOPS_RESIDENT_BUDGET_GIB='{value}'.*{says}"):
+        keep_freed_memory({"ERPOPS_RESIDENT_BUDGET_GIB": value})
+
+
 def test_without_jemalloc_nothing_changes():
     with resident_budget(2**30) as stats:  # the test process runs on glibc's malloc
         assert stats is None

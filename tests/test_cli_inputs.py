@@ -168,3 +168,14 @@ def test_train_remote_removes_its_work_folder_when_the_download_fails(tmp_path, 
     with pytest.raises(OSError, match="unreachable"):
         train_remote.fn(Recipe(name="t").model_dump(mode="json"), "run-id", f"sqlite:///{tmp_path}/m.db")
     assert list(tmp_path.glob("train-remote-*")) == []
+
+
+@pytest.mark.parametrize("command", ["optimize", "evaluate"])
+def test_nothing_to_work_on_is_exit_2_not_a_rejection(tmp_path, command):
+    """Exit 1 is `evaluate`'s "the gate rejected"; a fresh checkout with no run folder is "nothing to evaluate"."""
+    from typer.testing import CliRunner
+
+    from erpops.cli import app
+
+    result = CliRunner().invoke(app, [command, "--recipe", str(tiny_recipe(tmp_path))])
+    assert result.exit_code == 2 and "no run folder under" in result.output, result.output

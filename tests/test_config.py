@@ -47,6 +47,12 @@ def test_missing_and_non_mapping_recipes_are_clear(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_recipe(tmp_path / "list.yaml")
+    (tmp_path / "cp949.yaml").write_bytes("name: 재고\n".encode("cp949"))  # saved by an editor in the Korean code page
+    with pytest.raises(ConfigError, match=r"cp949\.yaml: not UTF-8 text"):
+        load_recipe(tmp_path / "cp949.yaml")
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ConfigError, match="folder.yaml"):
+        load_recipe(tmp_path / "folder.yaml")
 
 
 def test_recipe_digest_ignores_layout_but_not_values(tmp_path):

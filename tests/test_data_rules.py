@@ -21,9 +21,25 @@ from data_contracts.rules import EMAIL, email_spans, find_pii, hangul_share, luh
     ("주민번호 900101-1234567", "rrn"),
     ("card 4111 1111 1111 1111 on file", "card"),
     ("card 5500-0000-0000-0004", "card"),
+    # beside other digits, in brackets, with spaced or typographic separators, typed full-width
+    ("4111 1111 1111 1111 123", "card"),
+    ("주문 3 4111 1111 1111 1111", "card"),
+    ("카드 4111 1111 1111 1111 12/25", "card"),
+    ("(02) 1234-5678", "phone"),
+    ("(010) 1234-5678", "phone"),
+    ("010 - 1234 - 5678", "phone"),
+    ("연락처-010-1234-5678", "phone"),
+    ("주민번호 900101–1234567", "rrn"),
+    ("주민번호 900101 - 1234567", "rrn"),
+    ("주민번호 ９００１０１－１２３４５６７", "rrn"),
 ])
 def test_personal_data_is_found(text, kind):
     assert [k for k, _, _ in find_pii(text)] == [kind]
+
+
+def test_a_card_beside_other_digits_is_masked_and_the_other_digits_kept():
+    assert mask_pii("카드 4111 1111 1111 1111 12/25")[0] == "카드 [CARD] 12/25"
+    assert mask_pii("주민번호 ９００１０１－１２３４５６７ 입니다")[0] == "주민번호 [RRN] 입니다"  # spans of the original text
 
 
 @pytest.mark.parametrize("text", [
@@ -32,6 +48,8 @@ def test_personal_data_is_found(text, kind):
     "창고 W100 에서 W900 으로 이동",
     "account 4111 1111 1111 1112 is not a card",  # fails Luhn
     "version 1.2.3 and 25%",
+    "주문번호 2024-010-1234-5678",  # a phone-shaped tail of a longer hyphenated number
+    "invoice 2024-11-30, 2024 12 31",
 ])
 def test_ordinary_erp_numbers_are_not_personal_data(text):
     assert find_pii(text) == []
@@ -127,6 +145,45 @@ def test_train_eval_overlap_is_leakage(corpus):
     assert ds is None
     (err,) = [v for v in report.errors if v.rule == "leakage.train_eval"]
     assert err.line == rows.index(eval_row) + 1 and train_row["id"] in err.detail
+
+
+def _located(rid: str, *turns: str, line: int = 1):
+    from data_contracts.rules import Located
+
+    roles = ["user", "assistant"] * len(turns)
+    return Located(f"{rid}.jsonl", line, {"id": rid, "source": "qa", "messages": [
+        {"role": "system", "content": "ERP assistant"}, *({"role": r, "content": t} for r, t in zip(roles, turns))]})
+
+
+def test_a_middle_turn_of_a_training_chat_repeated_in_eval_is_leakage_and_small_talk_is_not():
+    from data_contracts.rules import leakage_violations
+
+    chat = _located("chat-0100", "재고 이동은 어디서 하나요?", "재고 관리 > 이동에서 합니다.",
+                    "구매 요청은 어떻게 승인하나요?", "구매 > 요청 목록에서 승인 버튼을 누릅니다.", "감사합니다", "네, 좋은 하루 되세요.")
+    middle = _located("qa-7", "구매 요청은 어떻게 승인하나요?", "승인 화면에서 처리합니다.", line=7)
+    small_talk = _located("chat-0200", "휴가 신청은 어디서 하나요?", "인사 > 휴가에서 합니다.", "감사합니다", "천만에요.", line=9)
+    (v,) = leakage_violations([chat], [middle, small_talk])
+    assert (v.rule, v.file, v.line) == ("leakage.train_eval", "qa-7.jsonl", 7) and "chat-0100" in v.detail
+
+
+def test_an_eval_question_near_a_training_question_is_leakage():
+    from data_contracts.rules import eval_overlap_violations, leakage_violations
+
+    train = _located("qa-1", "How do I create a new purchase order in the procurement module?", "Open Procurement.")
+    near = _located("qa-2", "How do I create a purchase order in the procurement module?", "Use Procurement > PO.", line=4)
+    other = _located("qa-3", "How do I approve annual leave for my team?", "Open HR > Leave.", line=5)
+    (v,) = leakage_violations([train], [near, other], threshold=0.85)
+    assert v.line == 4 and "similar to training example qa-1" in v.detail
+    assert leakage_violations([train], [near, other]) == []  # exact only, without a threshold
+    (v,) = eval_overlap_violations([near], [train], threshold=0.85)  # curated feedback near an eval question
+    assert v.rule == "leakage.feedback_eval" and "qa-1" in v.detail
+
+
+def test_near_duplicate_pairs_across_a_split_pair_only_across_it():
+    texts = ["alpha beta gamma delta epsilon", "alpha beta gamma delta epsilon!", "zeta eta theta iota kappa",
+             "alpha beta gamma delta epsilon?"]
+    assert [(i, j) for i, j, _ in near_duplicate_pairs(texts, 0.8)] == [(0, 1), (0, 3)]
+    assert [(i, j) for i, j, _ in near_duplicate_pairs(texts, 0.8, split=2)] == [(0, 3)]  # not 1-3 nor 0-1
 
 
 def test_coverage_minimum_per_module(corpus):

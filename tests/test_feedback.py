@@ -301,3 +301,21 @@ def test_the_cli_exports_a_rated_answer_from_its_trace(world, corpus):
     row = next(json.loads(x) for x in open(landed["file"], encoding="utf-8") if answer["trace_id"] in x)
     assert (row["module"], row["lang"], row["source"]) == ("inventory", "en", "inventory_transfer_en.md")
     assert row["instruction"] == "How do I move stock between two warehouses?" and row["response"].startswith("Create")
+
+
+def test_a_correction_mixing_korean_and_english_is_labelled_as_the_contract_checks_it():
+    from data_contracts.curation import candidate_rows
+
+    docs = {"purchasing_guide_ko.md": "purchasing"}
+    rows, rejected = candidate_rows([
+        {"trace_id": "tr-1", "question": "ERP에서 PO approval workflow 설정은 어디서 하나요?", "sources": list(docs),
+         "correction": "Admin > Workflow > PO approval 메뉴에서 설정합니다."},
+        {"trace_id": "tr-2", "question": "재고 조정은 어디서 하나요?", "sources": list(docs),
+         "correction": "재고 관리 > 조정 화면에서 전표를 전기합니다."},
+        {"trace_id": "tr-3", "question": "PO 승인", "sources": list(docs), "correction": "Approve it in Admin Workflow Settings."},
+    ], docs, set(), lang_min_share=0.5)
+    assert {r["trace_id"]: r["lang"] for r in rows} == {"tr-1": "en", "tr-2": "ko", "tr-3": "en"}
+    assert rejected == []
+    _, refused = candidate_rows([{"trace_id": "tr-4", "question": "가나다라마 abcde", "sources": list(docs),
+                                  "correction": "바사아 fghij"}], docs, set(), lang_min_share=0.7)
+    assert [(r.rule, "neither Korean nor English holds 70%" in r.detail) for r in refused] == [("feedback.language", True)]

@@ -3,11 +3,14 @@ from prefect.yaml, and `erpops trigger --watch` exit codes for a passing run, a 
 deployment, a pool no worker polls, and a server that is down. Plus the pure parts (parameters, exit codes,
 the summary artifact's round trip, prefect.yaml's shape)."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -21,6 +24,21 @@ def test_parse_params_reads_json_values_and_refuses_a_missing_equals():
         "a": 1, "b": True, "c": "text", "d": None, "e": {"x": 2}, "f": "a=b"}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_params(["novalue"])
+
+
+def test_parameters_read_as_json_are_fitted_to_the_deployment_s_schema():
+    """`-p version=3` for the release flow's `version: str | None`: the string "3", which the server's parameter
+    validation takes (the integer 3 it answers with 409)."""
+    from erpops.orchestration import fit_params
+
+    schema = {"properties": {"version": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                             "steps": {"type": "integer"}, "any": {}, "run_name": {"type": "string"},
+                             "ratio": {"anyOf": [{"type": "number"}, {"type": "string"}]}}}
+    given = parse_params(["version=3", "steps=5", "any=7", "run_name=20250101", "ratio=0.5", "extra=1"])
+    assert fit_params(given, schema) == {"version": "3", "steps": 5, "any": 7, "run_name": "20250101", "ratio": 0.5,
+                                         "extra": 1}
+    assert fit_params(parse_params(["version=null"]), schema) == {"version": None}
+    assert fit_params(given, None) == given
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process start times come from /proc")
@@ -46,6 +64,42 @@ def test_down_stops_the_stack_s_processes_and_never_a_process_that_took_a_dead_o
     finally:
         if child.poll() is None:
             child.kill()
+
+
+GROUP = """
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c",
+                          "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process states come from /proc")
+def test_stopping_a_service_waits_for_its_whole_process_group(tmp_path):
+    """The leader (as `mlflow server`) exits on SIGTERM at once; its child (uvicorn, a worker's flow run) ignores
+    it. The service is stopped when the group is gone: the child gets the SIGKILL, not an orphan's life."""
+    from erpops.orchestration import _stop
+
+    def running(pid: int) -> bool:  # a zombie waiting for whatever adopted it counts as gone
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    leader = subprocess.Popen([sys.executable, "-c", GROUP], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    child = int(leader.stdout.readline())
+    try:
+        time.sleep(0.5)  # the child has set its handler
+        assert _stop(leader.pid, timeout=3) is True
+        deadline = time.time() + 10
+        while running(child) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not running(child) and leader.poll() is not None
+    finally:
+        for pid in (child, leader.pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_exit_code_is_0_only_for_completed():
