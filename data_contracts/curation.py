@@ -26,7 +26,7 @@ from pathlib import Path
 
 from data_contracts.contracts import check_corpus
 from data_contracts.report import DataContractError
-from data_contracts.rules import detect_language, lang_agrees, near_duplicate_pairs, normalize
+from data_contracts.rules import detect_language, first_user_text, lang_agrees, near_duplicate_pairs, normalize
 from erpops.config import DataConfig
 
 
@@ -123,7 +123,7 @@ def land_feedback(cfg: DataConfig, corrections: Sequence[dict], actor: str, toke
     doc_modules = {d["file"]: d["module"] for d in corpus.docs if d.get("file")}
     doc_modules.update({Path(f).stem: m for f, m in list(doc_modules.items())})
     rows, rejected = candidate_rows(corrections, doc_modules, exported, cfg.lang_min_share)
-    existing = [m["content"] for e in ds.train for m in e["messages"][:1]]  # eval overlap: the contract's rule
+    existing = [first_user_text(e) for e in ds.train]  # eval overlap: the contract's rule
     rows, dups = _dedup(rows, existing, cfg.near_duplicate_threshold)
     rejected += dups
     out = Landed(None, None, [], rejected, ds.digest, ds.digest)

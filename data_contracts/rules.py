@@ -331,8 +331,10 @@ def _near(first: list[Located], second: list[Located], threshold: float | None) 
 
 
 def leakage_violations(train: list[Located], evals: list[Located], threshold: float | None = None) -> list[Violation]:
-    """An eval example one of whose questions or answers also appears in training data, or whose question is a
-    near-duplicate (`threshold`, 3-gram Jaccard) of a training question, is leakage: an error."""
+    """An eval example one of whose questions or answers also appears in training data is leakage: an error. One
+    whose question is a near-duplicate (`threshold`, 3-gram Jaccard) of a training question is a warning
+    (`leakage.near`): templated ERP questions that differ in one word ("a purchase order" / "a sales order") can be
+    that close and still be different questions, so it is shown, not blocking."""
     index, out = _texts_index(train), []
     near = _near(train, evals, threshold)
     for k, e in enumerate(evals):
@@ -343,17 +345,17 @@ def leakage_violations(train: list[Located], evals: list[Located], threshold: fl
                                  f"{hit[1].example['id']} ({hit[1].file}:{hit[1].line})"))
         elif k in near:
             x, sim = near[k]
-            out.append(Violation("leakage.train_eval", e.file, e.line,
+            out.append(Violation("leakage.near", e.file, e.line,
                                  f"eval example {e.example['id']}'s question is {sim:.0%} similar to training example "
-                                 f"{x.example['id']}'s ({x.file}:{x.line})"))
+                                 f"{x.example['id']}'s ({x.file}:{x.line})", "warning"))
     return out
 
 
 def eval_overlap_violations(candidates: list[Located], evals: list[Located],
                             threshold: float | None = None) -> list[Violation]:
     """A training row added from outside the split (curated feedback) one of whose questions or answers is an eval
-    example's, or whose question is a near-duplicate of an eval question: an error at the added row (it would leak
-    the eval set into training)."""
+    example's: an error at the added row (it would leak the eval set into training); one whose question is a
+    near-duplicate of an eval question: a warning (`leakage.near`, as in `leakage_violations`)."""
     index, out = _texts_index(evals), []
     near = _near(evals, candidates, threshold)
     for k, x in enumerate(candidates):
@@ -364,9 +366,9 @@ def eval_overlap_violations(candidates: list[Located], evals: list[Located],
                                  f"({hit[1].file}:{hit[1].line})"))
         elif k in near:
             e, sim = near[k]
-            out.append(Violation("leakage.feedback_eval", x.file, x.line,
+            out.append(Violation("leakage.near", x.file, x.line,
                                  f"{x.example['id']}'s question is {sim:.0%} similar to eval example "
-                                 f"{e.example['id']}'s ({e.file}:{e.line})"))
+                                 f"{e.example['id']}'s ({e.file}:{e.line})", "warning"))
     return out
 
 

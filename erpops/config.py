@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MODULES = ("finance", "procurement", "inventory", "sales", "production", "hr", "approvals", "admin")
 LANGS = ("ko", "en")
@@ -177,11 +177,20 @@ class OptimizeConfig(_Strict):
     """Which GGUF is deployed to Ollama and gated (q8_0 falls back to f16 when it fails its checks)."""
     verify_prompts: int = Field(16, ge=1)
     """Held-out prompts whose token ids the GGUF's own tokenizer must reproduce exactly."""
-    min_agreement: dict[str, float] = {"f16": 0.99, "q8_0": 0.95}
+    min_agreement: dict[Literal["f16", "q8_0"], float] = {"f16": 0.99, "q8_0": 0.95}
     """Lowest acceptable next-token agreement of each GGUF with the HF model it was converted from, over
-    the assistant positions of the held-out examples (taken in the forward that measures its perplexity)."""
+    the assistant positions of the held-out examples (taken in the forward that measures its perplexity). A recipe
+    names the kinds it changes; the others keep these defaults (so the f16 fallback is never checked against 0)."""
     speed_prompts: int = Field(2, ge=0)
     """Prompts answered one at a time (greedy, 32 new tokens) to measure each variant's tokens/s; 0 skips it."""
+
+    @field_validator("min_agreement", mode="after")
+    @classmethod
+    def _agreement_over_defaults(cls, v: dict) -> dict:
+        for kind, floor in v.items():
+            if not 0 <= floor <= 1:
+                raise ValueError(f"min_agreement[{kind}]={floor} must be a share between 0 and 1")
+        return {"f16": 0.99, "q8_0": 0.95, **v}
 
     @model_validator(mode="after")
     def _ship_exported(self) -> "OptimizeConfig":

@@ -19,11 +19,16 @@ class ERPAssistantModel(mlflow.pyfunc.PythonModel):
 
         self.model, self.tokenizer = load_gguf_model(Path(context.artifacts["gguf"]))
 
-    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
+    # no type hints on `predict`: MLflow would build the signature from them and drop the logged one, whose
+    # `max_new_tokens` param is what lets a caller's params through (a signature without params discards them)
+    def predict(self, context, model_input, params=None):
+        """Answers, one per question: `model_input` a list of strings, or (as MLflow passes it) a one-column
+        DataFrame; `params={"max_new_tokens": n}` (128 by default)."""
         from erpops.device import Runtime
         from evaluation.scoring import generate_answers
 
-        questions = [str(q) for q in model_input]
+        values = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
+        questions = [str(q) for q in values]
         examples = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ""}]} for q in questions]
         max_new = int((params or {}).get("max_new_tokens", 128))
         return generate_answers(self.model, self.tokenizer, examples, Runtime("cpu", "float32"), max_new)

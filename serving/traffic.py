@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from data_contracts.rules import detect_language
+from data_contracts.rules import detect_language, first_user_text
 from evaluation.drift import DriftReport, DriftThresholds, Sample, compare, render_drift_html
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def drift_job(settings, deploy, mlflow_settings, data_cfg, since: datetime | Non
     target = env_target(deploy, settings.env)
     threshold = settings.rag_threshold if settings.rag_threshold is not None else deploy.retrieval_threshold
     retriever = Retriever(deploy.milvus_uri, target.alias, release.embedding_model, settings.rag_k, threshold)
-    questions = [m["content"] for e in ds.train for m in e["messages"][:1]]
+    questions = [first_user_text(e) for e in ds.train]  # not a chat log's system prompt
     reference = reference_sample(questions, retriever, release.collection)
     report = compare(reference, live, thresholds)
     html = render_drift_html(report, reference, live, out_dir / f"drift-{current}.html",

@@ -6,8 +6,8 @@ its steps to 100% and is promoted."""
 
 from __future__ import annotations
 
+import itertools
 import time
-import uuid
 from datetime import timedelta
 
 import pytest
@@ -35,6 +35,18 @@ def world(tmp_path_factory):
         yield w
 
 
+@pytest.fixture(autouse=True)
+def _no_canary_left_running(request):
+    """A test that fails half-way must not leave the next one (they share the module's world) a running canary."""
+    yield
+    if "world" in request.fixturenames:
+        w = request.getfixturevalue("world")
+        state = w.service.canary()
+        if state is not None and state.active:
+            w.client.post("/api/v1/environments/staging/canary/abort", json={"reason": "test cleanup"},
+                          headers=w.auth("admin"))
+
+
 def _start(w, policy=POLICY, **kw):
     import mlflow
 
@@ -45,8 +57,13 @@ def _start(w, policy=POLICY, **kw):
                         **kw).state
 
 
+SESSIONS = itertools.count()
+
+
 def _chat(w, session=None):
-    r = w.client.post("/api/v1/chat", json={"message": QUESTION, "session_id": session or uuid.uuid4().hex},
+    """A chat of `session`, else of a new conversation. New ones are numbered, not random: a session's arm is a hash
+    of its id, so which go to the canary, and every share asserted on, is the same in every run."""
+    r = w.client.post("/api/v1/chat", json={"message": QUESTION, "session_id": session or f"s-{next(SESSIONS)}"},
                       headers=w.auth("viewer"))
     assert r.status_code == 200, r.text
     return r.json()
@@ -154,7 +171,7 @@ def test_a_streamed_answer_the_canary_fails_to_begin_comes_from_the_stable_relea
         streams = []
         while len(w.service.calls.calls(state.canary_id, "canary", 0.0)) < POLICY.min_requests and len(streams) < 200:
             with w.client.stream("POST", "/api/v1/chat", headers=w.auth("viewer"),
-                                 json={"message": QUESTION, "session_id": uuid.uuid4().hex, "stream": True}) as r:
+                                 json={"message": QUESTION, "session_id": f"stream-{next(SESSIONS)}", "stream": True}) as r:
                 streams.append([json.loads(line) for line in r.iter_lines() if line])
         assert all(not c.ok for c in w.service.calls.calls(state.canary_id, "canary", 0.0))
         assert all(s[0]["type"] == "start" and s[-1]["type"] == "done" for s in streams)

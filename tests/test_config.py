@@ -139,3 +139,14 @@ def test_an_override_fills_an_empty_section_and_refuses_a_scalar_one(tmp_path):
     scalar.write_text("name: x\ndata: 5\n")
     with pytest.raises(ConfigError, match="cannot set data.root: data is a int"):
         load_recipe(scalar, {"data.root": "d"})
+
+
+def test_a_recipe_s_gguf_agreement_floors_keep_the_defaults_it_does_not_name():
+    """A recipe that lowers q8_0's floor must not leave the f16 fallback checked against 0."""
+    from erpops.config import OptimizeConfig
+
+    assert OptimizeConfig(min_agreement={"q8_0": 0.9}).min_agreement == {"f16": 0.99, "q8_0": 0.9}
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        OptimizeConfig(min_agreement={"f16": 1.5})
+    with pytest.raises(ValueError):
+        OptimizeConfig(min_agreement={"q4_k": 0.9})  # no such export

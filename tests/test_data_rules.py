@@ -166,17 +166,17 @@ def test_a_middle_turn_of_a_training_chat_repeated_in_eval_is_leakage_and_small_
     assert (v.rule, v.file, v.line) == ("leakage.train_eval", "qa-7.jsonl", 7) and "chat-0100" in v.detail
 
 
-def test_an_eval_question_near_a_training_question_is_leakage():
+def test_an_eval_question_near_a_training_question_is_shown_as_leakage():
     from data_contracts.rules import eval_overlap_violations, leakage_violations
 
     train = _located("qa-1", "How do I create a new purchase order in the procurement module?", "Open Procurement.")
     near = _located("qa-2", "How do I create a purchase order in the procurement module?", "Use Procurement > PO.", line=4)
     other = _located("qa-3", "How do I approve annual leave for my team?", "Open HR > Leave.", line=5)
     (v,) = leakage_violations([train], [near, other], threshold=0.85)
-    assert v.line == 4 and "similar to training example qa-1" in v.detail
+    assert (v.rule, v.severity, v.line) == ("leakage.near", "warning", 4) and "similar to training example qa-1" in v.detail
     assert leakage_violations([train], [near, other]) == []  # exact only, without a threshold
     (v,) = eval_overlap_violations([near], [train], threshold=0.85)  # curated feedback near an eval question
-    assert v.rule == "leakage.feedback_eval" and "qa-1" in v.detail
+    assert (v.rule, v.severity) == ("leakage.near", "warning") and "qa-1" in v.detail
 
 
 def test_near_duplicate_pairs_across_a_split_pair_only_across_it():

@@ -417,6 +417,22 @@ def test_sparsegpt_weights_match_the_reference_loop(rows, cols, block):
     assert torch.allclose(got, expected, rtol=1e-9, atol=1e-9), float((got - expected).abs().max())
 
 
+@pytest.mark.gpu
+def test_sparsegpt_weights_on_the_gpu_match_the_cpu():
+    """Every tensor of the solve on the weights' device (a mask built on the CPU failed on CUDA indices)."""
+    import torch
+
+    from training.optimize import _damped_inverse, sparsegpt_weights
+
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(256, 64, generator=g, dtype=torch.float64)
+    W = torch.randn(48, 64, generator=g, dtype=torch.float64)
+    Hinv, dead = _damped_inverse(X.T @ X, 0.01)
+    cpu = sparsegpt_weights(W.clone(), Hinv, dead, 0.3, 32)
+    gpu = sparsegpt_weights(W.cuda(), Hinv.cuda(), dead.cuda(), 0.3, 32).cpu()
+    assert torch.equal(gpu == 0, cpu == 0) and torch.allclose(gpu, cpu, rtol=1e-9, atol=1e-9)
+
+
 def test_calibrated_prune_shares_one_statistic_between_linears_of_one_input(tiny, tiny_model_dir):
     """q, k and v read the same normed hidden states: one H for the three (not three equal ones)."""
     from transformers import AutoTokenizer

@@ -410,7 +410,8 @@ import mlflow
 mlflow.set_tracking_uri(sys.argv[1])
 model = mlflow.pyfunc.load_model("models:/erp-assistant@champion")
 answers = model.predict(["How do I post a journal entry?"], params={"max_new_tokens": 4})
-print(json.dumps({"importable_before": hidden, "answers": answers}))
+params = [p.name for p in (model.metadata.signature.params or [])]
+print(json.dumps({"importable_before": hidden, "answers": list(answers), "params": params}))
 """
 
 
@@ -443,7 +444,8 @@ def test_registered_model_carries_its_code_and_loads_from_another_folder(mlflow_
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["importable_before"] == []  # the packages came from the model, not from this checkout
     assert len(out["answers"]) == 1 and isinstance(out["answers"][0], str)
-    assert len(out["answers"][0].split()) <= 4  # params reach predict (the signature declares max_new_tokens)
+    assert out["params"] == ["max_new_tokens"]  # a param the signature lacks, MLflow drops before predict
+    assert len(out["answers"][0].split()) <= 4  # params reach predict
 
     client = mlflow.MlflowClient(mlflow_settings.tracking_uri)
     exp = client.get_experiment_by_name(mlflow_settings.experiment_name)

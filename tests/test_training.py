@@ -81,7 +81,7 @@ def test_lora_training_lowers_loss_changes_adapter_and_freezes_base(tiny_model_d
     adapter = load_file(result.adapter_dir / "adapter_model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and all(torch.count_nonzero(v) > 0 for v in lora_b)  # B starts at zero: it moved
-    assert (result.adapter_dir / "recipe.yaml").is_file()
+    assert (result.adapter_dir / "recipe.yaml").is_file() and not (tmp_path / "adapter.partial").exists()
     cfg = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and set(cfg["target_modules"]) == {"q_proj", "v_proj"}
     base_after = load_file(tiny_model_dir / "model.safetensors")

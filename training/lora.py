@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,9 @@ def load_for_training(base: Path | str, lora: LoraConfig, runtime: Runtime, grad
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=runtime.torch_dtype())
-        model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map={"": 0})
+        # this process's GPU (distributed.init set it per local rank), not GPU 0 for every rank
+        model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant,
+                                                     device_map={"": torch.cuda.current_device()})
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         dtype = runtime.torch_dtype() if runtime.device == "cuda" else torch.float32
@@ -291,9 +294,15 @@ def train_lora(
                          real_tokens / max(wall, 1e-9), wall, step_seconds, step_tokens, list(losses))
     if not dist.is_main:
         return result
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    (adapter_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), allow_unicode=True, sort_keys=False))
+    # whole or not at all: written beside, then put in place (a crash mid-save, or a rerun into the same run
+    # folder, never leaves new weights beside an old tokenizer or recipe)
+    partial = out_dir / "adapter.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    (partial / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), allow_unicode=True, sort_keys=False))
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    partial.rename(adapter_dir)
     if tracker:
         tracker.log_metrics({"train/first_loss": result.first_loss, "train/final_loss": result.final_loss,
                              "train/mean_tokens_per_s": result.tokens_per_s, "train/wall_s": wall})
@@ -334,7 +343,8 @@ def _loop(model, tokenizer, optimizer, trainable, encoded, recipe, runtime, trac
             del loss_sum, inputs, collated
         # [assistant tokens, all real tokens, summed loss] over every rank, in one collective
         totals = distributed.all_sum(dist, torch.tensor([n_labelled, sum(len(e.input_ids) for e in mine),
-                                                         loss_total], dtype=torch.float64))
+                                                         loss_total], dtype=torch.float64,
+                                                        device=runtime.device))  # NCCL reduces CUDA tensors only
         if totals[0].item() == 0:
             raise FloatingPointError(f"step {step}: the batch has no assistant tokens to learn from")
         scale_grads(trainable, 1.0 / totals[0].item())  # the global per-token mean once gradients are summed

@@ -230,7 +230,7 @@ def sparsegpt_weights(W, Hinv, dead, amount: float, block: int = 128, groups: li
         for g in groups:
             k = int(g * n * amount)
             if k:  # the set of the k smallest of this Linear's block; unsorted, it is found ~3x faster
-                part = torch.zeros(g, n, dtype=torch.bool)
+                part = torch.zeros(g, n, dtype=torch.bool, device=W1t.device)
                 part.view(-1)[torch.topk(score[:, r0:r0 + g].T.reshape(-1), k, largest=False, sorted=False).indices] = True
                 mask[:, r0:r0 + g] = part.T
             r0 += g
