@@ -7,6 +7,7 @@ its steps to 100% and is promoted."""
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from datetime import timedelta
 
@@ -37,7 +38,9 @@ def world(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _no_canary_left_running(request):
-    """A test that fails half-way must not leave the next one (they share the module's world) a running canary."""
+    """Sessions numbered per test; and a test that fails half-way must not leave the next one (they share the
+    module's world) a running canary."""
+    SESSIONS.update(test=re.sub(r"[^A-Za-z0-9_.:-]", "_", request.node.name)[:96], count=itertools.count())
     yield
     if "world" in request.fixturenames:
         w = request.getfixturevalue("world")
@@ -57,13 +60,17 @@ def _start(w, policy=POLICY, **kw):
                         **kw).state
 
 
-SESSIONS = itertools.count()
+SESSIONS = {"test": "", "count": itertools.count()}
+
+
+def _new_session() -> str:
+    """A new conversation's id: the test's name and a number, not random. A session's arm is a hash of its id, so
+    which go to the canary, and every share asserted on, is the same in every run, whatever ran before."""
+    return f"{SESSIONS['test']}-{next(SESSIONS['count'])}"
 
 
 def _chat(w, session=None):
-    """A chat of `session`, else of a new conversation. New ones are numbered, not random: a session's arm is a hash
-    of its id, so which go to the canary, and every share asserted on, is the same in every run."""
-    r = w.client.post("/api/v1/chat", json={"message": QUESTION, "session_id": session or f"s-{next(SESSIONS)}"},
+    r = w.client.post("/api/v1/chat", json={"message": QUESTION, "session_id": session or _new_session()},
                       headers=w.auth("viewer"))
     assert r.status_code == 200, r.text
     return r.json()
@@ -171,7 +178,7 @@ def test_a_streamed_answer_the_canary_fails_to_begin_comes_from_the_stable_relea
         streams = []
         while len(w.service.calls.calls(state.canary_id, "canary", 0.0)) < POLICY.min_requests and len(streams) < 200:
             with w.client.stream("POST", "/api/v1/chat", headers=w.auth("viewer"),
-                                 json={"message": QUESTION, "session_id": f"stream-{next(SESSIONS)}", "stream": True}) as r:
+                                 json={"message": QUESTION, "session_id": _new_session(), "stream": True}) as r:
                 streams.append([json.loads(line) for line in r.iter_lines() if line])
         assert all(not c.ok for c in w.service.calls.calls(state.canary_id, "canary", 0.0))
         assert all(s[0]["type"] == "start" and s[-1]["type"] == "done" for s in streams)
