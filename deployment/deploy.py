@@ -578,14 +578,14 @@ def _set_registry_alias(settings: MLflowSettings, alias: str, version: str | Non
     """The registry alias `<env>` follows what the environment serves. A bundle imported into a store whose registry
     lacks its version (a closed network) leaves the alias alone: there is nothing there to point at; so does one
     whose version number this registry gave to another model (its `gguf_sha256` tag names another GGUF)."""
-    from registry.promote import _client, version_exists, version_tags
+    from registry.promote import _client, registered_version
 
     client = _client(settings)
-    if version is not None and not version_exists(settings, version):
+    found = registered_version(settings, version) if version is not None else None
+    if version is not None and found is None:
         log.info("registry: %s has no version %s; alias %s not moved", settings.registered_model_name, version, alias)
         return
-    if version is not None and gguf_sha256 is not None and \
-            version_tags(settings, version).get("gguf_sha256", gguf_sha256) != gguf_sha256:
+    if found is not None and gguf_sha256 is not None and (found.tags or {}).get("gguf_sha256", gguf_sha256) != gguf_sha256:
         log.warning("registry: %s version %s here is another model than the release's (gguf_sha256 differs); alias "
                     "%s not moved", settings.registered_model_name, version, alias)
         return

@@ -174,20 +174,25 @@ def prepare_model(host: str, name: str, release_id: str, gguf_path: Path, gguf_s
     return PreparedModel(tag, health, {k: round(v, 3) for k, v in seconds.items()})
 
 
-def delete_tag(host: str, tag: str) -> bool:
-    """Delete a tag if it exists (best effort on cleanup paths); True when it was there."""
+def delete_tag(host: str, tag: str, strict: bool = False, timeout_s: float = 60.0) -> bool:
+    """Delete a tag if it exists; True when it was there. A tag that is not there is never an error; any other
+    failure is logged and False (best effort on cleanup paths), or with `strict` raised."""
     import ollama
 
-    client = ollama.Client(host=host, timeout=60)
+    client = ollama.Client(host=host, timeout=timeout_s)
     try:
         client.delete(tag)
         return True
     except ollama.ResponseError as e:
         if e.status_code == 404:
             return False
+        if strict:
+            raise
         log.warning("ollama: could not delete %s: %s", tag, e)
         return False
     except Exception as e:  # a cleanup must not hide the error that led to it
+        if strict:
+            raise
         log.warning("ollama: could not delete %s: %s", tag, e)
         return False
 
@@ -203,11 +208,7 @@ def set_env_tags(host: str, name: str, env: str, current: str | None, previous: 
     client = ollama.Client(host=host, timeout=timeout_s)
     for dest, src in ((f"{name}:{env}-previous", previous), (f"{name}:{env}", current)):
         if src is None:
-            try:
-                client.delete(dest)
-            except ollama.ResponseError as e:
-                if e.status_code != 404:
-                    raise
+            delete_tag(host, dest, strict=True, timeout_s=timeout_s)
         else:
             client.copy(src, dest)
     if current is not None:

@@ -228,14 +228,21 @@ def stop_stack(home: Path, timeout: float = 30.0) -> list[str]:
     return stopped[::-1]
 
 
+def _stat_fields(path: Path) -> list[str] | None:
+    """The fields of a /proc/<pid>/stat after "pid (comm) " (field 3, the state, is index 0); None when it cannot
+    be read (no /proc, or the process is gone)."""
+    try:
+        stat = path.read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
 def process_start(pid: int) -> int | None:
     """When the process started (clock ticks after boot: field 22 of /proc/<pid>/stat), which tells a process from
     a later one given the same pid; None where there is no /proc or no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2:].split()[19])  # after "pid (comm) ": field 3 is index 0
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return int(fields[19]) if fields else None
 
 
 def _alive(pid: int) -> bool:
@@ -252,11 +259,8 @@ def _group_alive(pgid: int) -> bool:
     proc = Path("/proc")
     if proc.is_dir():
         for stat in proc.glob("[0-9]*/stat"):
-            try:
-                state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
-            except (OSError, IndexError, ValueError):
-                continue
-            if int(pgrp) == pgid and state not in "ZX":
+            fields = _stat_fields(stat)  # state, ppid, pgrp, ...
+            if fields and int(fields[2]) == pgid and fields[0] not in "ZX":
                 return True
         return False
     try:

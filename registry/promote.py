@@ -368,20 +368,24 @@ def tag_version(settings: MLflowSettings, version: str, tags: dict[str, str]) ->
         client.set_model_version_tag(settings.registered_model_name, version, k, str(v))
 
 
-def version_exists(settings: MLflowSettings, version: str) -> bool:
-    """Whether `version` of the registered model exists. False only when the registry says so (no such version, or
-    no such registered model); any other registry error is raised: a transient outage is not an answer, and a
-    caller that took it for "gone" would forget a version that still exists (a cached promotion) or leave an alias
-    behind what an environment serves."""
+def registered_version(settings: MLflowSettings, version: str):
+    """`version` of the registered model (its ModelVersion), or None only when the registry says there is none (no
+    such version, or no such registered model); any other registry error is raised: a transient outage is not an
+    answer, and a caller that took it for "gone" would forget a version that still exists (a cached promotion) or
+    leave an alias behind what an environment serves."""
     from mlflow.exceptions import MlflowException
 
     try:
-        _client(settings).get_model_version(settings.registered_model_name, version)
+        return _client(settings).get_model_version(settings.registered_model_name, version)
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return False
+            return None
         raise
-    return True
+
+
+def version_exists(settings: MLflowSettings, version: str) -> bool:
+    """Whether `version` exists (`registered_version`'s rule)."""
+    return registered_version(settings, version) is not None
 
 
 def no_change(candidate_sha256: str, champion_version: str | None, champion_tags: Mapping[str, str]) -> str | None:
